@@ -1,0 +1,242 @@
+"""How the meta-gradient of the adapted weights is computed: strategy objects.
+
+All methods compute the same adapted weights W(T) = W0 - s(T)^T X (up to the
+solver tolerance) and differ only in how `tf.GradientTape` differentiates
+them with respect to W0, the support embeddings X and t_final:
+
+* `Forward`: the paper's algorithm. The solve carries the forward
+  sensitivities of s with respect to L0 = X W0^T and G = X X^T; the
+  vector-Jacobian product is assembled at T. Memory does not depend on T
+  (the loop state has a fixed size) nor on d.
+* `Backprop`: the tape differentiates through the solver's steps
+  (discretise-then-differentiate); memory grows with the number of steps.
+  With no tape watching, it is the plain solve of s: the cheapest way to
+  adapt at inference.
+* `Adjoint`: the continuous adjoint, solving s backwards from s(T) together
+  with the adjoint state; constant memory, numerically fragile for long T.
+
+Shapes inside: W0 [N, d], X [B, M, d], Y [B, M, N] label distributions,
+t_final a scalar; every tensor of one float dtype.
+"""
+
+import dataclasses
+
+import tensorflow as tf
+
+from comln_tf import _reduced
+from comln_tf import _solvers
+
+
+def _logits_and_gram(init_weights, support_embeddings):
+  """L0 = X W0^T [B, M, N] and G = X X^T [B, M, M]."""
+  logits0 = tf.einsum("bmd,nd->bmn", support_embeddings, init_weights)
+  gram = tf.matmul(support_embeddings, support_embeddings, transpose_b=True)
+  return logits0, gram
+
+
+def _weights_from_state(init_weights, support_embeddings, s):
+  """W = W0 - s^T X: [B, N, d]."""
+  return init_weights[None] - tf.matmul(s, support_embeddings, transpose_a=True)
+
+
+def _vjp(init_weights, support_embeddings, labels, t_final, s_final,
+         d_weights, d_logits0, d_gram_sym):
+  """Gradients of the loss with respect to (W0, X, t_final).
+
+  Given dL/dW(T), dL/dL0 and dL/dG + (dL/dG)^T (the latter two through s),
+  chains through W(T) = W0 - s^T X, L0 = X W0^T and G = X X^T.
+
+  Args:
+    init_weights: [N, d]. support_embeddings: [B, M, d]. labels: [B, M, N].
+    t_final: scalar. s_final: [B, M, N], s(T). d_weights: [B, N, d].
+    d_logits0: [B, M, N]. d_gram_sym: [B, M, M].
+
+  Returns:
+    (dL/dW0 [N, d], dL/dX [B, M, d], dL/dT scalar).
+  """
+  d_init = tf.reduce_sum(d_weights, 0) + tf.reduce_sum(
+      tf.matmul(d_logits0, support_embeddings, transpose_a=True), 0)
+  d_support = (-tf.matmul(s_final, d_weights) +
+               tf.einsum("bmn,nd->bmd", d_logits0, init_weights) +
+               tf.matmul(d_gram_sym, support_embeddings))
+  # dW/dT = -f(s(T))^T X, so dL/dT = <dL/ds(T), f(s(T))>.
+  logits0, gram = _logits_and_gram(init_weights, support_embeddings)
+  d_state = _state_cotangent(support_embeddings, d_weights)
+  d_time = tf.reduce_sum(d_state * _reduced.reduced_vector_field(
+      s_final, logits0, gram, labels))
+  return d_init, d_support, tf.reshape(d_time, tf.shape(t_final))
+
+
+def _state_cotangent(support_embeddings, d_weights):
+  """dL/ds(T) = -X dL/dW(T)^T: [B, M, N]."""
+  return -tf.matmul(support_embeddings, d_weights, transpose_b=True)
+
+
+class GradientMethod:
+  """Base class of the gradient methods: a strategy object for `adapt`."""
+
+  name = "method"
+
+  def __call__(self, init_weights, support_embeddings, labels, t_final,
+               solver: _solvers.Solver, max_steps: int):
+    """Adapts the weights of a batch of tasks.
+
+    Args:
+      init_weights: [N, d]. support_embeddings: [B, M, d].
+      labels: [B, M, N] label distributions. t_final: scalar > 0.
+      solver: the ODE solver. max_steps: most solver steps allowed.
+
+    Returns:
+      (weights [B, N, d], SolveStats of the forward solve).
+    """
+    raise NotImplementedError
+
+
+def _zero_state(support_embeddings, labels):
+  return tf.zeros(tf.shape(labels), support_embeddings.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backprop(GradientMethod):
+  """Differentiate through the solver steps (the reference engine)."""
+  name = "backprop"
+
+  def __call__(self, init_weights, support_embeddings, labels, t_final,
+               solver, max_steps):
+    logits0, gram = _logits_and_gram(init_weights, support_embeddings)
+    s_final, stats = solver.integrate(
+        lambda s: _reduced.reduced_vector_field(s, logits0, gram, labels),
+        _zero_state(support_embeddings, labels), t_final, max_steps)
+    return _weights_from_state(init_weights, support_embeddings,
+                               s_final), stats
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward(GradientMethod):
+  """Forward-mode sensitivities integrated with s (Deleu et al. 2022).
+
+  Attributes:
+    tangent_field: "closed_form" (fast, hand-derived for cross-entropy) or
+      "accumulator" (`tf.autodiff.ForwardAccumulator` on the vector field;
+      follows any change of the inner loss). Both give the same result.
+  """
+  tangent_field: str = "closed_form"
+  name = "forward"
+
+  def __post_init__(self):
+    if self.tangent_field not in _reduced.TANGENT_FIELDS:
+      raise ValueError(
+          f"tangent_field must be one of {sorted(_reduced.TANGENT_FIELDS)}, "
+          f"got {self.tangent_field!r}.")
+
+  def __call__(self, init_weights, support_embeddings, labels, t_final,
+               solver, max_steps):
+    tangent_field = _reduced.TANGENT_FIELDS[self.tangent_field]
+
+    @tf.custom_gradient
+    def adapt_with_sensitivities(init_weights, support_embeddings, t_final):
+      logits0, gram = _logits_and_gram(init_weights, support_embeddings)
+      s0 = _zero_state(support_embeddings, labels)
+      batch, num_examples, num_classes = tf.unstack(tf.shape(s0))
+      tangents0 = tf.zeros(
+          [batch, num_examples,
+           _reduced.num_directions(num_examples, num_classes), num_classes],
+          s0.dtype)
+
+      def vector_field(state):
+        s, tangents = state
+        return (_reduced.reduced_vector_field(s, logits0, gram, labels),
+                tangent_field(s, tangents, logits0, gram, labels))
+
+      (s_final, tangents_final), stats = solver.integrate(
+          vector_field, (s0, tangents0), t_final, max_steps)
+      weights = _weights_from_state(init_weights, support_embeddings, s_final)
+
+      def grad(d_weights, *unused_stat_grads):
+        d_state = _state_cotangent(support_embeddings, d_weights)
+        d_logits0, d_gram_sym = _reduced.contract_sensitivities(
+            tangents_final, d_state)
+        return _vjp(init_weights, support_embeddings, labels, t_final,
+                    s_final, d_weights, d_logits0, d_gram_sym)
+
+      return (weights, stats.num_evals, stats.num_steps, stats.finished), grad
+
+    weights, num_evals, num_steps, finished = adapt_with_sensitivities(
+        init_weights, support_embeddings, t_final)
+    return weights, _solvers.SolveStats(num_evals, num_steps, finished)
+
+
+@dataclasses.dataclass(frozen=True)
+class Adjoint(GradientMethod):
+  """Continuous adjoint: solve backwards from T for s and its adjoint.
+
+  The backward solve recomputes s(t) from s(T) by integrating the flow in
+  reverse, which is gradient ascent on the support loss: errors grow, and
+  for long T the gradient is inaccurate (the paper's Fig. 2).
+  """
+  name = "adjoint"
+
+  def __call__(self, init_weights, support_embeddings, labels, t_final,
+               solver, max_steps):
+
+    @tf.custom_gradient
+    def adapt_with_adjoint(init_weights, support_embeddings, t_final):
+      logits0, gram = _logits_and_gram(init_weights, support_embeddings)
+      s_final, stats = solver.integrate(
+          lambda s: _reduced.reduced_vector_field(s, logits0, gram, labels),
+          _zero_state(support_embeddings, labels), t_final, max_steps)
+      weights = _weights_from_state(init_weights, support_embeddings, s_final)
+
+      def grad(d_weights, *unused_stat_grads):
+        # Recomputed here: the forward's tensors belong to its own solve.
+        logits0, gram = _logits_and_gram(init_weights, support_embeddings)
+
+        def reversed_field(state):
+          s, adjoint_s, _, _ = state
+          with tf.GradientTape() as tape:
+            tape.watch([s, logits0, gram])
+            field = _reduced.reduced_vector_field(s, logits0, gram, labels)
+          vjps = tape.gradient(field, [s, logits0, gram],
+                               output_gradients=adjoint_s)
+          # Time runs from T down to 0: ds/d(-t) = -f, and the adjoints
+          # accumulate +a^T df/d(s, L0, G).
+          return (-field, vjps[0], vjps[1], vjps[2])
+
+        d_state = _state_cotangent(support_embeddings, d_weights)
+        (_, _, d_logits0, d_gram), backward_stats = solver.integrate(
+            reversed_field,
+            (s_final, d_state, tf.zeros_like(logits0), tf.zeros_like(gram)),
+            t_final, max_steps)
+        d_logits0 = poison_unless(backward_stats.finished, d_logits0)
+        d_gram_sym = d_gram + tf.linalg.matrix_transpose(d_gram)
+        return _vjp(init_weights, support_embeddings, labels, t_final,
+                    s_final, d_weights, d_logits0, d_gram_sym)
+
+      return (weights, stats.num_evals, stats.num_steps, stats.finished), grad
+
+    weights, num_evals, num_steps, finished = adapt_with_adjoint(
+        init_weights, support_embeddings, t_final)
+    return weights, _solvers.SolveStats(num_evals, num_steps, finished)
+
+
+def poison_unless(ok, value):
+  """`value` where `ok`, NaN otherwise: a failed solve never looks valid.
+
+  Needed under XLA, which compiles away `tf.debugging` assertions.
+  """
+  return tf.where(ok, value, tf.fill(tf.shape(value),
+                                     tf.constant(float("nan"), value.dtype)))
+
+
+METHODS = {"forward": Forward, "backprop": Backprop, "adjoint": Adjoint}
+
+
+def make_method(method) -> GradientMethod:
+  """Returns the GradientMethod named by `method` (or `method` itself)."""
+  if isinstance(method, GradientMethod):
+    return method
+  if method in METHODS:
+    return METHODS[method]()
+  raise ValueError(
+      f"method must be one of {sorted(METHODS)} or a comln_tf GradientMethod, "
+      f"got {method!r}.")

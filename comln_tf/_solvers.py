@@ -1,0 +1,277 @@
+"""ODE solvers on batches of tasks, written as `tf.while_loop`s.
+
+Every solver integrates an autonomous system dy/dt = f(y) from t = 0 to
+t = t_final for a batch of B independent tasks. The state `y` is a nest
+(tuple/list/dict) of tensors whose leading axis is the task axis B. The
+adaptive solver keeps one time and one step size per task, so an easy task is
+not forced to take the small steps of a hard one; tasks that have reached
+t_final keep their state while the others go on.
+
+The loops are plain TensorFlow control flow: they run eagerly, inside
+`tf.function` and under XLA (`jit_compile=True`), and can be differentiated by
+`tf.GradientTape` (the "backprop" gradient method); `maximum_iterations` is
+always set because XLA needs it to differentiate a while loop.
+"""
+
+import dataclasses
+from typing import Callable, Optional
+
+import tensorflow as tf
+
+VectorField = Callable[[object], object]
+
+
+@dataclasses.dataclass(frozen=True)
+class SolveStats:
+  """What a solve cost and whether it finished.
+
+  Attributes:
+    num_evals: int32 scalar, evaluations of the vector field (each evaluates
+      all B tasks at once).
+    num_steps: int32 scalar, loop iterations (accepted and rejected steps).
+    finished: bool scalar, every task reached t_final within max_steps.
+  """
+  num_evals: tf.Tensor
+  num_steps: tf.Tensor
+  finished: tf.Tensor
+
+
+def _per_task(value, leaf):
+  """Reshapes a per-task vector [B] so that it broadcasts against `leaf`."""
+  shape = tf.concat([tf.shape(value), tf.ones([tf.rank(leaf) - 1], tf.int32)],
+                    axis=0)
+  return tf.reshape(value, shape)
+
+
+def _combine(y, h, coefficients, ks):
+  """y + h * sum_j coefficients[j] * ks[j], leaf by leaf (h is per task)."""
+
+  def leaf_update(y_leaf, *k_leaves):
+    total = None
+    for c, k in zip(coefficients, k_leaves):
+      if c == 0.0:
+        continue
+      term = tf.cast(c, y_leaf.dtype) * k
+      total = term if total is None else total + term
+    return y_leaf + _per_task(h, y_leaf) * total
+
+  return tf.nest.map_structure(leaf_update, y, *ks)
+
+
+def _rms_per_task(nest):
+  """Root mean square over all elements of all leaves, per task: [B]."""
+  leaves = tf.nest.flatten(nest)
+  squares = [
+      tf.reduce_sum(tf.reshape(tf.square(leaf), [tf.shape(leaf)[0], -1]), 1)
+      for leaf in leaves
+  ]
+  counts = [tf.cast(tf.reduce_prod(tf.shape(leaf)[1:]), leaves[0].dtype)
+            for leaf in leaves]
+  return tf.sqrt(tf.add_n(squares) / tf.add_n(counts))
+
+
+def _where_per_task(condition, when_true, when_false):
+  return tf.nest.map_structure(
+      lambda a, b: tf.where(_per_task(condition, a), a, b), when_true,
+      when_false)
+
+
+class Solver:
+  """Base class of the solvers: a strategy object passed to `adapt`."""
+
+  name = "solver"
+
+  def integrate(self, vector_field: VectorField, y0, t_final: tf.Tensor,
+                max_steps: int):
+    """Integrates dy/dt = vector_field(y) from 0 to t_final.
+
+    Args:
+      vector_field: maps a state nest to its time derivative (same nest).
+      y0: initial state, a nest of tensors [B, ...] of one float dtype.
+      t_final: scalar tensor > 0 of the state dtype.
+      max_steps: Python int, the most loop iterations allowed.
+
+    Returns:
+      (y_final, SolveStats). When stats.finished is False the state is not
+      the solution at t_final; the caller must raise (see `adapt`).
+    """
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Dopri5(Solver):
+  """Adaptive Dormand-Prince 5(4) with per-task step-size control.
+
+  The error of a step is measured on the whole state (for the forward method
+  that includes the sensitivities, so the meta-gradient is controlled, not
+  only the adapted weights), as the RMS of err / (atol + rtol * |y|).
+  Step sizes are chosen with `tf.stop_gradient`: differentiating through the
+  solver (method="backprop") differentiates the discrete solution for the
+  chosen steps, as `torchdiffeq` and `jax.experimental.ode` do, and the
+  gradient with respect to t_final flows through the last, clipped step.
+  """
+  rtol: float = 1e-5
+  atol: float = 1e-5
+  name = "dopri5"
+
+  # Butcher tableau of Dormand & Prince (1980); the last row is the 5th-order
+  # solution and also the 7th stage (first-same-as-last).
+  _A = (
+      (),
+      (1 / 5,),
+      (3 / 40, 9 / 40),
+      (44 / 45, -56 / 15, 32 / 9),
+      (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+      (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+      (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+  )
+  # Fifth-order minus fourth-order weights: the embedded error estimate.
+  _E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525,
+        -1 / 40)
+
+  def _scale(self, y, y_other=None):
+    def leaf_scale(a, b=None):
+      magnitude = tf.abs(a) if b is None else tf.maximum(tf.abs(a), tf.abs(b))
+      return tf.cast(self.atol, a.dtype) + tf.cast(self.rtol, a.dtype) * magnitude
+    if y_other is None:
+      return tf.nest.map_structure(leaf_scale, y)
+    return tf.nest.map_structure(leaf_scale, y, y_other)
+
+  def _initial_step(self, vector_field, y0, f0, t_final):
+    """Hairer, Norsett & Wanner (1993), II.4: a first step from two evals."""
+    scale = self._scale(y0)
+    ratio = lambda a, s: a / s
+    d0 = _rms_per_task(tf.nest.map_structure(ratio, y0, scale))
+    d1 = _rms_per_task(tf.nest.map_structure(ratio, f0, scale))
+    dtype = d0.dtype
+    small = (d0 < 1e-5) | (d1 < 1e-5)
+    h0 = tf.where(small, tf.constant(1e-6, dtype),
+                  0.01 * d0 / tf.where(small, tf.ones_like(d1), d1))
+    y1 = _combine(y0, h0, (1.0,), (f0,))
+    f1 = vector_field(y1)
+    d2 = _rms_per_task(
+        tf.nest.map_structure(lambda a, b, s: (a - b) / s, f1, f0, scale)) / h0
+    d12 = tf.maximum(d1, d2)
+    h1 = tf.where(d12 <= 1e-15, tf.maximum(tf.constant(1e-6, dtype), h0 * 1e-3),
+                  (0.01 / tf.maximum(d12, 1e-15))**0.2)
+    return tf.minimum(tf.minimum(100.0 * h0, h1), t_final)
+
+  def integrate(self, vector_field, y0, t_final, max_steps):
+    leaf0 = tf.nest.flatten(y0)[0]
+    dtype = leaf0.dtype
+    batch = tf.shape(leaf0)[0]
+    t_final = tf.cast(t_final, dtype)
+    stop = tf.stop_gradient
+    stop_nest = lambda nest: tf.nest.map_structure(stop, nest)
+    f0 = vector_field(y0)
+    h_init = stop(self._initial_step(vector_field, stop_nest(y0),
+                                     stop_nest(f0), stop(t_final)))
+    t_init = tf.zeros([batch], dtype)
+
+    def active(t):
+      return t < t_final
+
+    def cond(step, t, h, y, k1):
+      del step, h, y, k1
+      return tf.reduce_any(active(t))
+
+    def body(step, t, h, y, k1):
+      running = active(t)
+      last = running & (t + h >= t_final)
+      # The clipped last step carries the dependence on t_final.
+      h_step = tf.where(last, t_final - t, h)
+      h_step = tf.where(running, h_step, tf.zeros_like(h_step))
+      ks = [k1]
+      for row in self._A[1:]:
+        ks.append(vector_field(_combine(y, h_step, row, ks)))
+      y_new = _combine(y, h_step, self._A[-1], ks[:-1])
+      # ks[-1] was evaluated at y_new: the first stage of the next step.
+      error = _combine(tf.nest.map_structure(tf.zeros_like, y), h_step,
+                       self._E, ks)
+      scale = self._scale(stop_nest(y), stop_nest(y_new))
+      error_norm = stop(_rms_per_task(
+          tf.nest.map_structure(lambda e, s: stop(e) / s, error, scale)))
+      # A non-finite error (overflow) is a rejected step, never accepted.
+      finite = tf.math.is_finite(error_norm)
+      error_norm = tf.where(finite, error_norm, tf.fill(tf.shape(error_norm),
+                                                        tf.constant(1e10, dtype)))
+      accept = running & (error_norm <= 1.0)
+      factor = tf.clip_by_value(
+          0.9 * tf.maximum(error_norm, 1e-10)**-0.2, 0.2, 10.0)
+      factor = tf.where(accept, factor, tf.minimum(factor, 1.0))
+      t_next = tf.where(accept, tf.where(last, t_final, t + h_step), t)
+      h_next = tf.where(running, stop(h_step) * factor, h)
+      y_next = _where_per_task(accept, y_new, y)
+      k1_next = _where_per_task(accept, ks[-1], k1)
+      return step + 1, stop(t_next), stop(h_next), y_next, k1_next
+
+    steps, t_end, _, y_end, _ = tf.while_loop(
+        cond, body, (tf.constant(0), t_init, h_init, y0, f0),
+        maximum_iterations=max_steps)
+    stats = SolveStats(num_evals=2 + 6 * steps, num_steps=steps,
+                       finished=tf.reduce_all(t_end >= t_final))
+    return y_end, stats
+
+
+@dataclasses.dataclass(frozen=True)
+class _FixedStep(Solver):
+  """Fixed-step explicit Runge-Kutta with `num_steps` steps of T / num_steps."""
+  num_steps: int = 100
+  _A = ()  # Runge-Kutta matrix rows, first row empty.
+  _B = ()  # weights.
+
+  def integrate(self, vector_field, y0, t_final, max_steps):
+    leaf0 = tf.nest.flatten(y0)[0]
+    h = tf.fill([tf.shape(leaf0)[0]], tf.cast(t_final, leaf0.dtype) /
+                tf.cast(self.num_steps, leaf0.dtype))
+
+    def body(step, y):
+      ks = []
+      for row in self._A:
+        ks.append(vector_field(_combine(y, h, row, ks) if row else y))
+      return step + 1, _combine(y, h, self._B, ks)
+
+    steps, y_end = tf.while_loop(
+        lambda step, y: step < self.num_steps, body, (tf.constant(0), y0),
+        maximum_iterations=self.num_steps)
+    stats = SolveStats(num_evals=steps * len(self._A), num_steps=steps,
+                       finished=tf.constant(self.num_steps <= max_steps))
+    return y_end, stats
+
+
+@dataclasses.dataclass(frozen=True)
+class Euler(_FixedStep):
+  """Explicit Euler: in W-space, exactly gradient descent (ANIL) with lr h."""
+  name = "euler"
+  _A = ((),)
+  _B = (1.0,)
+
+
+@dataclasses.dataclass(frozen=True)
+class RK4(_FixedStep):
+  """The classical fourth-order Runge-Kutta method."""
+  name = "rk4"
+  _A = ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0))
+  _B = (1 / 6, 1 / 3, 1 / 3, 1 / 6)
+
+
+def make_solver(solver, rtol: float, atol: float,
+                num_steps: Optional[int]) -> Solver:
+  """Returns the Solver named by `solver` (or `solver` itself if a Solver)."""
+  if isinstance(solver, Solver):
+    return solver
+  if solver == "dopri5":
+    for name, value in (("rtol", rtol), ("atol", atol)):
+      if not value > 0:
+        raise ValueError(f"{name} must be > 0 for solver='dopri5', got {value!r}.")
+    return Dopri5(rtol=float(rtol), atol=float(atol))
+  if solver in ("rk4", "euler"):
+    if num_steps is None or isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
+      raise ValueError(
+          f"num_steps must be a positive integer for the fixed-step solver "
+          f"solver={solver!r}, got {num_steps!r}.")
+    cls = RK4 if solver == "rk4" else Euler
+    return cls(num_steps=int(num_steps))
+  raise ValueError(
+      f"solver must be one of 'dopri5', 'rk4', 'euler' or a comln_tf Solver, "
+      f"got {solver!r}.")

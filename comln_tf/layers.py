@@ -1,0 +1,187 @@
+"""Keras layer: a linear classifier adapted to each task by gradient flow."""
+
+import math
+from typing import Optional
+
+import keras
+import tensorflow as tf
+
+from comln_tf import _adapt
+from comln_tf import _gradient_methods
+from comln_tf import _solvers
+
+
+@keras.saving.register_keras_serializable(package="comln_tf")
+class GradientFlowClassifier(keras.layers.Layer):
+  """Adapts W0 to each task's support set up to a learned time T.
+
+  Owns the meta-parameters of the head: the initial classifier W0 [N, d]
+  (lecun-normal with fan-in N, as the authors) and tau = log T (T starts at
+  `initial_t`). For each task it integrates the gradient flow of the support
+  cross-entropy from W0 up to T with `comln_tf.adapt` and classifies the
+  queries with the adapted weights. With `training=True` the configured
+  gradient method gives exact meta-gradients; otherwise the plain solve is
+  used (no sensitivities: the cheapest way to adapt at inference).
+
+  With `tie_init_rows=True` all rows of W0 are equal (Ye & Chao 2022). A row
+  shared by every class shifts every logit of an example by the same amount,
+  which the softmax ignores, so the flow and the predictions do not depend
+  on it: W0 is zero and the layer adapts to any number of ways, given by
+  `num_ways` at call time or by the largest label + 1.
+
+  Args:
+    num_ways: N, the number of classes per task (None only with
+      tie_init_rows).
+    initial_t: T at initialisation, > 0.
+    train_t: whether tau = log T is trainable.
+    method, solver, rtol, atol, max_steps, num_steps: passed to `adapt`.
+    label_smoothing: epsilon of the support labels, Y = (1 - eps) onehot +
+      eps / N.
+    tie_init_rows: one shared initial row (see above).
+  """
+
+  def __init__(self,
+               num_ways: Optional[int] = None,
+               initial_t: float = 1.0,
+               train_t: bool = True,
+               method: str = "forward",
+               solver: str = "dopri5",
+               rtol: float = 1e-5,
+               atol: float = 1e-5,
+               max_steps: int = _adapt.DEFAULT_MAX_STEPS,
+               num_steps: Optional[int] = None,
+               label_smoothing: float = 0.0,
+               tie_init_rows: bool = False,
+               **kwargs):
+    super().__init__(**kwargs)
+    if num_ways is None and not tie_init_rows:
+      raise ValueError("num_ways is required unless tie_init_rows=True.")
+    if num_ways is not None and (isinstance(num_ways, bool) or
+                                 int(num_ways) != num_ways or num_ways < 2):
+      raise ValueError(f"num_ways must be an integer >= 2, got {num_ways!r}.")
+    if not initial_t > 0:
+      raise ValueError(f"initial_t must be > 0, got {initial_t!r}.")
+    if not 0.0 <= label_smoothing < 1.0:
+      raise ValueError(
+          f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
+    if not isinstance(method, str) or method not in _gradient_methods.METHODS:
+      raise ValueError(f"method must be one of "
+                       f"{sorted(_gradient_methods.METHODS)}, got {method!r}.")
+    self.num_ways = None if num_ways is None else int(num_ways)
+    self.initial_t = float(initial_t)
+    self.train_t = bool(train_t)
+    self.method = method
+    self.solver = solver
+    self.rtol = float(rtol)
+    self.atol = float(atol)
+    self.max_steps = int(max_steps)
+    self.num_steps = num_steps
+    self.label_smoothing = float(label_smoothing)
+    self.tie_init_rows = bool(tie_init_rows)
+    # Fail at construction, not at the first call, on a bad solver set-up.
+    _solvers.make_solver(solver, rtol, atol, num_steps)
+
+  def build(self, support_embeddings_shape, support_labels_shape=None,
+            query_embeddings_shape=None):
+    embedding_size = support_embeddings_shape[-1]
+    if embedding_size is None:
+      raise ValueError("The embedding size (last axis of support_embeddings) "
+                       "must be known to build GradientFlowClassifier.")
+    self.init_weights = None
+    if not self.tie_init_rows:
+      # Keras' fan-in of a 2-D [N, d] weight is N, as in the authors' code.
+      self.init_weights = self.add_weight(
+          name="init_weights", shape=(self.num_ways, embedding_size),
+          initializer=keras.initializers.LecunNormal())
+    self.log_t = self.add_weight(
+        name="log_t", shape=(),
+        initializer=keras.initializers.Constant(math.log(self.initial_t)),
+        trainable=self.train_t)
+
+  @property
+  def t_final(self):
+    """T = exp(tau), scalar tensor."""
+    return tf.exp(tf.convert_to_tensor(self.log_t))
+
+  def _initial_weights(self, support_embeddings, support_labels, num_ways):
+    if not self.tie_init_rows:
+      return tf.convert_to_tensor(self.init_weights), self.num_ways
+    if num_ways is None:
+      num_ways = self.num_ways
+    if num_ways is None:
+      num_ways = tf.reduce_max(tf.cast(support_labels, tf.int32)) + 1
+    return tf.zeros(tf.stack([num_ways, tf.shape(support_embeddings)[-1]]),
+                    support_embeddings.dtype), num_ways
+
+  def adapt(self, support_embeddings, support_labels, training=None,
+            num_ways=None, return_stats=False):
+    """Adapted weights for each task.
+
+    Args:
+      support_embeddings: [B, M, d] (or [M, d]) float.
+      support_labels: int [B, M] (or [M]) in [0, N).
+      training: use the configured gradient method (True) or the plain
+        solve (otherwise).
+      num_ways: N for a tied-rows layer (default: largest label + 1).
+      return_stats: also return the solve's `SolveStats`.
+
+    Returns:
+      [B, N, d] (or [N, d]) adapted weights, and the stats if asked.
+    """
+    support_embeddings = tf.convert_to_tensor(support_embeddings,
+                                              dtype=self.compute_dtype)
+    support_labels = tf.convert_to_tensor(support_labels)
+    init_weights, num_ways = self._initial_weights(support_embeddings,
+                                                   support_labels, num_ways)
+    init_weights = tf.cast(init_weights, support_embeddings.dtype)
+    labels = support_labels
+    if self.label_smoothing > 0:
+      if not support_labels.dtype.is_integer:
+        raise TypeError("label_smoothing needs integer support_labels.")
+      one_hot = tf.one_hot(support_labels, num_ways,
+                           dtype=support_embeddings.dtype)
+      labels = one_hot * (1.0 - self.label_smoothing) + (
+          self.label_smoothing / tf.cast(num_ways, support_embeddings.dtype))
+      # Out-of-range labels give all-zero rows, which adapt rejects.
+    return _adapt.adapt(
+        init_weights, support_embeddings, labels,
+        tf.cast(self.t_final, support_embeddings.dtype),
+        method=self.method if training else "backprop",
+        solver=self.solver, rtol=self.rtol, atol=self.atol,
+        max_steps=self.max_steps, num_steps=self.num_steps,
+        return_stats=return_stats)
+
+  @staticmethod
+  def logits(query_embeddings, weights):
+    """Query logits [B, Q, N] from embeddings [B, Q, d], weights [B, N, d]."""
+    return tf.matmul(query_embeddings, weights, transpose_b=True)
+
+  def call(self, support_embeddings, support_labels, query_embeddings,
+           training=None):
+    """Query logits [B, Q, N] after adapting to each task's support set.
+
+    Args:
+      support_embeddings: [B, M, d] float.
+      support_labels: int [B, M] in [0, N).
+      query_embeddings: [B, Q, d] float.
+      training: see `adapt`.
+    """
+    weights = self.adapt(support_embeddings, support_labels, training=training)
+    query_embeddings = tf.convert_to_tensor(query_embeddings,
+                                            dtype=weights.dtype)
+    return self.logits(query_embeddings, weights)
+
+  def compute_output_shape(self, support_embeddings_shape,
+                           support_labels_shape=None,
+                           query_embeddings_shape=None):
+    return tuple(query_embeddings_shape[:-1]) + (self.num_ways,)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(
+        num_ways=self.num_ways, initial_t=self.initial_t, train_t=self.train_t,
+        method=self.method, solver=self.solver, rtol=self.rtol,
+        atol=self.atol, max_steps=self.max_steps, num_steps=self.num_steps,
+        label_smoothing=self.label_smoothing,
+        tie_init_rows=self.tie_init_rows)
+    return config
