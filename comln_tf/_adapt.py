@@ -130,7 +130,10 @@ def adapt(init_weights,
         f"support_embeddings must have the dtype of init_weights ({dtype.name}),"
         f" got {support_embeddings.dtype.name}.")
   support_labels = tf.convert_to_tensor(support_labels)
-  t_final = tf.convert_to_tensor(t_final, dtype=dtype)
+  # A Python float goes straight to `dtype` (through float32 it loses digits);
+  # a tensor of another float dtype is cast.
+  t_final = tf.cast(t_final, dtype) if tf.is_tensor(t_final) else (
+      tf.convert_to_tensor(t_final, dtype=dtype))
   if init_weights.shape.rank != 2:
     raise ValueError(f"init_weights must have shape [N, d], got shape "
                      f"{init_weights.shape}.")

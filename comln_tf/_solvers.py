@@ -51,7 +51,8 @@ def _combine(y, h, coefficients, ks):
     for c, k in zip(coefficients, k_leaves):
       if c == 0.0:
         continue
-      term = tf.cast(c, y_leaf.dtype) * k
+      # tf.constant, not tf.cast: a Python float cast from float32 loses digits.
+      term = tf.constant(c, y_leaf.dtype) * k
       total = term if total is None else total + term
     return y_leaf + _per_task(h, y_leaf) * total
 
@@ -59,15 +60,17 @@ def _combine(y, h, coefficients, ks):
 
 
 def _rms_per_task(nest):
-  """Root mean square over all elements of all leaves, per task: [B]."""
-  leaves = tf.nest.flatten(nest)
-  squares = [
-      tf.reduce_sum(tf.reshape(tf.square(leaf), [tf.shape(leaf)[0], -1]), 1)
-      for leaf in leaves
-  ]
-  counts = [tf.cast(tf.reduce_prod(tf.shape(leaf)[1:]), leaves[0].dtype)
-            for leaf in leaves]
-  return tf.sqrt(tf.add_n(squares) / tf.add_n(counts))
+  """Per task, the largest over leaves of the RMS over the leaf: [B].
+
+  The maximum, not one RMS over all leaves: the forward method's state is
+  s [M, N] with sensitivities K times larger, and a pooled RMS would let
+  the sensitivities' small errors hide a large error in s.
+  """
+  return tf.reduce_max(tf.stack([
+      tf.sqrt(tf.reduce_mean(
+          tf.reshape(tf.square(leaf), [tf.shape(leaf)[0], -1]), axis=1))
+      for leaf in tf.nest.flatten(nest)
+  ]), axis=0)
 
 
 def _where_per_task(condition, when_true, when_false):
@@ -102,9 +105,10 @@ class Solver:
 class Dopri5(Solver):
   """Adaptive Dormand-Prince 5(4) with per-task step-size control.
 
-  The error of a step is measured on the whole state (for the forward method
-  that includes the sensitivities, so the meta-gradient is controlled, not
-  only the adapted weights), as the RMS of err / (atol + rtol * |y|).
+  The error of a step is measured on every part of the state (for the
+  forward method that includes the sensitivities, so the meta-gradient is
+  controlled, not only the adapted weights): the largest, over the state's
+  tensors, of the RMS of err / (atol + rtol * |y|).
   Step sizes are chosen with `tf.stop_gradient`: differentiating through the
   solver (method="backprop") differentiates the discrete solution for the
   chosen steps, as `torchdiffeq` and `jax.experimental.ode` do, and the
@@ -132,7 +136,8 @@ class Dopri5(Solver):
   def _scale(self, y, y_other=None):
     def leaf_scale(a, b=None):
       magnitude = tf.abs(a) if b is None else tf.maximum(tf.abs(a), tf.abs(b))
-      return tf.cast(self.atol, a.dtype) + tf.cast(self.rtol, a.dtype) * magnitude
+      return (tf.constant(self.atol, a.dtype) +
+              tf.constant(self.rtol, a.dtype) * magnitude)
     if y_other is None:
       return tf.nest.map_structure(leaf_scale, y)
     return tf.nest.map_structure(leaf_scale, y, y_other)

@@ -1,0 +1,138 @@
+"""Class sets: the examples of one split, grouped by class."""
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ClassSet:
+    """The examples of one split of a dataset, grouped by class.
+
+    The examples of class `c` are `images[offsets[c]:offsets[c + 1]]`, so
+    classes may have different numbers of examples.
+
+    Attributes:
+        images: the examples, grouped by class: uint8 [n, H, W, C] images
+            (pixel values 0..255), or float32 [n, d] feature vectors (the
+            `"embeddings"` source).
+        offsets: int64 [num_classes + 1], non-decreasing, `offsets[0] == 0`
+            and `offsets[-1] == n`.
+        class_names: num_classes names, unique within the set.
+        dataset: the source the set comes from (used in error messages).
+        split: `"train"`, `"validation"` or `"test"`.
+    """
+
+    images: np.ndarray = dataclasses.field(repr=False)
+    offsets: np.ndarray = dataclasses.field(repr=False)
+    class_names: tuple = dataclasses.field(repr=False)
+    dataset: str
+    split: str
+
+    def __post_init__(self):
+        if self.images.dtype not in (np.uint8, np.float32):
+            raise ValueError(
+                f"images must be uint8 or float32, got {self.images.dtype}")
+        if (self.offsets.ndim != 1
+                or len(self.offsets) != len(self.class_names) + 1
+                or self.offsets[0] != 0
+                or self.offsets[-1] != len(self.images)
+                or np.any(np.diff(self.offsets) < 0)):
+            raise ValueError(
+                "offsets must be non-decreasing, of length num_classes + 1, "
+                "from 0 to the number of images")
+
+    @classmethod
+    def from_labels(cls, images, labels, *, dataset, split):
+        """Groups examples by label.
+
+        Classes are ordered by sorted label; examples keep their order within
+        a class, so the set is the same whenever the inputs are.
+
+        Args:
+            images: uint8 [n, H, W, C] or float32 [n, d] examples.
+            labels: [n] class labels (ints or strings); their string forms
+                become the class names.
+            dataset: name of the source.
+            split: `"train"`, `"validation"` or `"test"`.
+
+        Returns:
+            A ClassSet.
+        """
+        names, inverse = np.unique(np.asarray(labels), return_inverse=True)
+        inverse = inverse.reshape(-1)
+        order = np.argsort(inverse, kind="stable")
+        counts = np.bincount(inverse, minlength=len(names))
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return cls(np.ascontiguousarray(images[order]), offsets,
+                   tuple(str(name) for name in names), dataset, split)
+
+    @property
+    def num_classes(self):
+        """Number of classes."""
+        return len(self.class_names)
+
+    @property
+    def counts(self):
+        """int64 [num_classes]: number of examples of each class."""
+        return np.diff(self.offsets)
+
+    @property
+    def example_shape(self):
+        """Shape of one example: (H, W, C) for images, (d,) for features."""
+        return self.images.shape[1:]
+
+    def class_examples(self, c):
+        """The examples of class `c`: [counts[c], *example_shape]."""
+        return self.images[self.offsets[c]:self.offsets[c + 1]]
+
+    def with_rotations(self):
+        """Adds 90, 180 and 270 degree rotations of every class as new classes.
+
+        Class `r * num_classes + c` of the result is class `c` rotated by
+        `90 * r` degrees counter-clockwise (r = 0 is the original class).
+
+        Returns:
+            A ClassSet with 4 * num_classes classes.
+
+        Raises:
+            ValueError: if the examples are not square images.
+        """
+        square = (self.images.ndim == 4
+                  and self.images.shape[1] == self.images.shape[2])
+        if not square:
+            raise ValueError(
+                f"rotations need square images [n, H, H, C]; split "
+                f"'{self.split}' of '{self.dataset}' has examples of shape "
+                f"{self.example_shape}")
+        n = len(self.images)
+        images = np.concatenate(
+            [np.rot90(self.images, r, axes=(1, 2)) for r in range(4)])
+        offsets = np.concatenate(
+            [self.offsets[:-1] + r * n for r in range(4)] + [[4 * n]])
+        names = tuple(f"{name}/rot{90 * r}"
+                      for r in range(4) for name in self.class_names)
+        return ClassSet(images, offsets.astype(np.int64), names,
+                        self.dataset, self.split)
+
+    @functools.cached_property
+    def tensors(self):
+        """(images, offsets, counts) as CPU tensors, made once per set.
+
+        Input pipelines capture these instead of converting the arrays again
+        for every dataset built from the set.
+        """
+        with tf.device("/cpu:0"):
+            return (tf.constant(self.images), tf.constant(self.offsets),
+                    tf.constant(self.counts))
+
+
+class Splits(NamedTuple):
+    """The three disjoint class sets of a dataset."""
+
+    train: ClassSet
+    validation: ClassSet
+    test: ClassSet

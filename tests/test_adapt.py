@@ -1,0 +1,369 @@
+"""The engine against independent references, in float64.
+
+The reference is the gradient flow integrated directly in W-space by SciPy's
+DOP853 at tolerance 1e-13 (`w_space_solution`), and central finite
+differences of the query loss computed from it. Nothing here compares the
+engine with itself, except the two tangent fields, which the issue requires
+to agree to 1e-10.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy import integrate
+
+import comln_tf
+from comln_tf import _reduced
+
+TIGHT = dict(rtol=1e-10, atol=1e-10)
+TIGHTEST = dict(rtol=1e-12, atol=1e-12)
+GRADIENT_METHODS = {
+    "forward": "forward",
+    "forward_accumulator": comln_tf.Forward(tangent_field="accumulator"),
+    "backprop": "backprop",
+    "adjoint": "adjoint",
+}
+
+
+def _softmax(logits):
+  shifted = np.exp(logits - logits.max(-1, keepdims=True))
+  return shifted / shifted.sum(-1, keepdims=True)
+
+
+def w_space_solution(init_weights, embeddings, labels, t_final):
+  """W(T) of dW/dt = -(1/M) (softmax(X W^T) - Y)^T X, one task, by SciPy."""
+  num_classes, size = init_weights.shape
+  if labels.ndim == 1:
+    labels = np.eye(num_classes)[labels]
+
+  def field(_, flat):
+    weights = flat.reshape(num_classes, size)
+    residual = _softmax(embeddings @ weights.T) - labels
+    return (-(residual.T @ embeddings) / len(embeddings)).ravel()
+
+  solution = integrate.solve_ivp(field, (0.0, float(t_final)),
+                                 init_weights.ravel(), method="DOP853",
+                                 rtol=1e-13, atol=1e-13)
+  assert solution.success
+  return solution.y[:, -1].reshape(num_classes, size)
+
+
+def _query_loss_np(weights, queries, query_labels):
+  log_probs = np.log(_softmax(queries @ weights.T))
+  return -np.mean(np.take_along_axis(log_probs, query_labels[:, None], 1))
+
+
+def reference_loss(problem, init_weights, support, queries, t_final):
+  """Mean over tasks of the query cross-entropy after the W-space flow."""
+  losses = [
+      _query_loss_np(
+          w_space_solution(init_weights, support[b], problem["labels"][b],
+                           t_final), queries[b], problem["query_labels"][b])
+      for b in range(len(support))
+  ]
+  return np.mean(losses)
+
+
+def make_problem(num_tasks=2, ways=3, shots=2, size=5, queries=4, seed=0,
+                 scale=1.0):
+  rng = np.random.default_rng(seed)
+  return dict(
+      init_weights=rng.normal(size=(ways, size)) / np.sqrt(ways),
+      support=scale * rng.normal(size=(num_tasks, ways * shots, size)),
+      labels=np.tile(np.repeat(np.arange(ways), shots), (num_tasks, 1)),
+      queries=scale * rng.normal(size=(num_tasks, queries, size)),
+      query_labels=rng.integers(0, ways, size=(num_tasks, queries)),
+      t_final=1.3,
+  )
+
+
+def engine_loss_and_gradients(problem, method, solver="dopri5", **options):
+  """Query loss and its gradients w.r.t. (W0, X, Xq, T) from the engine."""
+
+  @tf.function
+  def run(init_weights, support, queries, t_final):
+    with tf.GradientTape() as tape:
+      tape.watch([init_weights, support, queries, t_final])
+      weights = comln_tf.adapt(init_weights, support, problem["labels"],
+                               t_final, method=method, solver=solver,
+                               **options)
+      logits = tf.matmul(queries, weights, transpose_b=True)
+      loss = tf.reduce_mean(
+          tf.nn.sparse_softmax_cross_entropy_with_logits(
+              problem["query_labels"], logits))
+    return loss, tape.gradient(loss, [init_weights, support, queries, t_final])
+
+  loss, grads = run(tf.constant(problem["init_weights"]),
+                    tf.constant(problem["support"]),
+                    tf.constant(problem["queries"]),
+                    tf.constant(problem["t_final"], tf.float64))
+  return float(loss), [g.numpy() for g in grads]
+
+
+@pytest.fixture(scope="module")
+def problem():
+  return make_problem()
+
+
+@pytest.mark.parametrize("method_name", sorted(GRADIENT_METHODS))
+def test_gradients_match_finite_differences(problem, method_name):
+  loss, grads = engine_loss_and_gradients(problem,
+                                          GRADIENT_METHODS[method_name],
+                                          **TIGHT)
+  names = ["init_weights", "support", "queries", "t_final"]
+  point = [problem[n] for n in names]
+  assert loss == pytest.approx(reference_loss(problem, *point), rel=1e-8)
+  rng = np.random.default_rng(1)
+  eps = 1e-5
+  for index, name in enumerate(names):
+    for _ in range(2):
+      direction = rng.normal(size=np.shape(point[index]))
+      plus, minus = list(point), list(point)
+      plus[index] = point[index] + eps * direction
+      minus[index] = point[index] - eps * direction
+      finite_difference = (reference_loss(problem, *plus) -
+                           reference_loss(problem, *minus)) / (2 * eps)
+      analytic = np.sum(grads[index] * direction)
+      assert abs(analytic - finite_difference) <= 1e-6 * abs(
+          finite_difference), (name, analytic, finite_difference)
+
+
+@pytest.mark.parametrize("method_name", ["forward", "backprop", "adjoint"])
+def test_reduced_state_equals_w_space_integration(problem, method_name):
+  weights = comln_tf.adapt(problem["init_weights"], problem["support"],
+                           problem["labels"], problem["t_final"],
+                           method=method_name, **TIGHTEST).numpy()
+  for b in range(len(problem["support"])):
+    expected = w_space_solution(problem["init_weights"], problem["support"][b],
+                                problem["labels"][b], problem["t_final"])
+    np.testing.assert_allclose(weights[b], expected, rtol=0, atol=1e-10)
+
+
+def test_euler_is_gradient_descent(problem):
+  """Euler with step h for T/h steps is ANIL with learning rate h."""
+  step, num_steps = 0.05, 40
+  weights = comln_tf.adapt(problem["init_weights"], problem["support"][0],
+                           problem["labels"][0], step * num_steps,
+                           solver="euler", num_steps=num_steps).numpy()
+  expected = problem["init_weights"].copy()
+  support, labels = problem["support"][0], np.eye(3)[problem["labels"][0]]
+  for _ in range(num_steps):
+    residual = _softmax(support @ expected.T) - labels
+    expected -= step * residual.T @ support / len(support)
+  np.testing.assert_allclose(weights, expected, rtol=0, atol=1e-12)
+
+
+def test_rk4_converges_to_the_flow(problem):
+  weights = comln_tf.adapt(problem["init_weights"], problem["support"][0],
+                           problem["labels"][0], problem["t_final"],
+                           solver="rk4", num_steps=200).numpy()
+  expected = w_space_solution(problem["init_weights"], problem["support"][0],
+                              problem["labels"][0], problem["t_final"])
+  np.testing.assert_allclose(weights, expected, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("method_name", ["forward", "backprop", "adjoint"])
+def test_batch_equals_each_task_alone(method_name):
+  # Tasks of different difficulty take different adaptive steps.
+  problem = make_problem(num_tasks=3, seed=3)
+  problem["support"][1] *= 3.0
+  # The adjoint's backward solve controls the error of dL/ds, whose scale
+  # differs between the batch (loss averaged over 3 tasks) and a task alone,
+  # so its steps differ: compare it at a tight tolerance.
+  options, rtol = (TIGHT, 1e-7) if method_name == "adjoint" else ({}, 1e-9)
+  _, batched = engine_loss_and_gradients(problem, method_name, **options)
+  for b in range(3):
+    alone = {k: (v[b:b + 1] if k in ("support", "labels", "queries",
+                                      "query_labels") else v)
+             for k, v in problem.items()}
+    _, single = engine_loss_and_gradients(alone, method_name, **options)
+    # The loss is a mean over tasks: task b alone has 3x its batch share.
+    for index in (1, 2):
+      np.testing.assert_allclose(batched[index][b] * 3, single[index][0],
+                                 rtol=rtol, atol=1e-12)
+
+
+def test_tangent_fields_agree():
+  rng = np.random.default_rng(4)
+  batch, examples, classes = 2, 5, 3
+  directions = _reduced.num_directions(examples, classes)
+  support = rng.normal(size=(batch, examples, 4))
+  args = (tf.constant(rng.normal(size=(batch, examples, classes))),
+          tf.constant(rng.normal(size=(batch, examples, directions, classes))),
+          tf.constant(rng.normal(size=(batch, examples, classes))),
+          tf.constant(support @ np.swapaxes(support, 1, 2)),
+          tf.constant(_softmax(rng.normal(size=(batch, examples, classes)))))
+  closed_form = tf.function(_reduced.TANGENT_FIELDS["closed_form"])(*args)
+  accumulator = tf.function(_reduced.TANGENT_FIELDS["accumulator"])(*args)
+  np.testing.assert_allclose(closed_form.numpy(), accumulator.numpy(),
+                             rtol=0, atol=1e-10)
+  # And through a whole solve and gradient assembly.
+  problem = make_problem(seed=5)
+  _, fast = engine_loss_and_gradients(problem, "forward")
+  _, generic = engine_loss_and_gradients(
+      problem, comln_tf.Forward(tangent_field="accumulator"))
+  for a, b in zip(fast, generic):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
+
+
+def test_tiny_time_returns_initial_weights(problem):
+  weights = comln_tf.adapt(problem["init_weights"], problem["support"],
+                           problem["labels"], 1e-9)
+  np.testing.assert_allclose(weights.numpy(),
+                             np.broadcast_to(problem["init_weights"],
+                                             weights.shape), atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_long_time_stays_finite(problem, dtype):
+  cast = lambda x: tf.constant(np.asarray(x, dtype))
+  init_weights, support = cast(problem["init_weights"]), cast(problem["support"])
+  t_final = cast(1000.0)
+  with tf.GradientTape() as tape:
+    tape.watch([init_weights, support, t_final])
+    weights = comln_tf.adapt(init_weights, support, problem["labels"], t_final)
+  grads = tape.gradient(weights, [init_weights, support, t_final])
+  assert weights.dtype == dtype
+  assert np.all(np.isfinite(weights.numpy()))
+  assert all(np.all(np.isfinite(g.numpy())) for g in grads)
+
+
+def test_soft_labels(problem):
+  rng = np.random.default_rng(6)
+  soft = _softmax(rng.normal(size=(6, 3)))
+  weights = comln_tf.adapt(problem["init_weights"], problem["support"][0],
+                           soft, problem["t_final"], **TIGHTEST).numpy()
+  expected = w_space_solution(problem["init_weights"], problem["support"][0],
+                              soft, problem["t_final"])
+  np.testing.assert_allclose(weights, expected, rtol=0, atol=1e-10)
+
+
+def test_eager_function_and_xla_agree():
+  problem = make_problem(seed=7)
+  args = [tf.constant(problem[k]) for k in ("init_weights", "support")]
+  t_final = tf.constant(problem["t_final"], tf.float64)
+
+  def gradient(init_weights, support, t_final):
+    with tf.GradientTape() as tape:
+      tape.watch([init_weights, support, t_final])
+      weights = comln_tf.adapt(init_weights, support, problem["labels"],
+                               t_final)
+      loss = tf.reduce_sum(tf.sin(weights))
+    return [weights] + tape.gradient(loss, [init_weights, support, t_final])
+
+  eager = gradient(*args, t_final)
+  for compiled in (tf.function(gradient),
+                   tf.function(gradient, jit_compile=True)):
+    for a, b in zip(eager, compiled(*args, t_final)):
+      np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_float32_matches_float64(problem):
+  weights64 = comln_tf.adapt(problem["init_weights"], problem["support"],
+                             problem["labels"], 2.0, rtol=1e-8, atol=1e-8)
+  weights32 = comln_tf.adapt(problem["init_weights"].astype(np.float32),
+                             problem["support"].astype(np.float32),
+                             problem["labels"], np.float32(2.0))
+  assert weights32.dtype == tf.float32
+  np.testing.assert_allclose(weights32.numpy(), weights64.numpy(), atol=1e-3)
+
+
+def test_layer_matches_engine_and_serializes():
+  problem = make_problem(seed=8)
+  layer = comln_tf.layers.GradientFlowClassifier(3, initial_t=1.3, rtol=1e-10,
+                                                 atol=1e-10, dtype="float64")
+  logits = layer(problem["support"], problem["labels"], problem["queries"],
+                 training=True)
+  weights = w_space_solution(layer.init_weights.numpy(), problem["support"][0],
+                             problem["labels"][0], 1.3)
+  np.testing.assert_allclose(logits[0].numpy(), problem["queries"][0] @ weights.T,
+                             atol=1e-8)
+  clone = comln_tf.layers.GradientFlowClassifier.from_config(layer.get_config())
+  clone.build(problem["support"].shape)
+  clone.set_weights(layer.get_weights())
+  np.testing.assert_allclose(
+      clone(problem["support"], problem["labels"], problem["queries"]).numpy(),
+      logits.numpy(), atol=1e-8)
+
+
+# ---------------------------------------------------------------- bad input.
+
+
+def _bad_input_cases():
+  problem = make_problem()
+  good = dict(init_weights=problem["init_weights"], support_embeddings=
+              problem["support"], support_labels=problem["labels"],
+              t_final=1.0)
+  nan_support = problem["support"].copy()
+  nan_support[0, 0, 0] = np.nan
+  out_of_range = problem["labels"].copy()
+  out_of_range[1, 2] = 3
+  return [
+      ("M", dict(good, support_labels=problem["labels"][:, :5]),
+       "number of support examples M"),
+      ("d", dict(good, init_weights=problem["init_weights"][:, :4]),
+       "embedding size d"),
+      ("labels", dict(good, support_labels=out_of_range),
+       "support_labels must lie in [0, N)"),
+      ("negative labels", dict(good, support_labels=-problem["labels"] - 1),
+       "support_labels must lie in [0, N)"),
+      ("finite", dict(good, support_embeddings=nan_support),
+       "support_embeddings and init_weights must be finite"),
+      ("time", dict(good, t_final=0.0), "t_final must be > 0"),
+      ("negative time", dict(good, t_final=-2.0), "t_final must be > 0"),
+  ]
+
+
+@pytest.mark.parametrize("case", _bad_input_cases(), ids=lambda c: c[0])
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_bad_input_names_the_argument(case, mode):
+  _, kwargs, message = case
+  run = comln_tf.adapt if mode == "eager" else tf.function(
+      lambda **kw: comln_tf.adapt(**kw))
+  if mode == "function":
+    kwargs = {k: tf.constant(v) for k, v in kwargs.items()}
+  with pytest.raises((ValueError, tf.errors.InvalidArgumentError),
+                     match=message.replace("[", r"\[").replace(")", r"\)")):
+    run(**kwargs)
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_max_steps_exceeded_raises(problem, mode):
+  run = comln_tf.adapt if mode == "eager" else tf.function(comln_tf.adapt)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match="did not reach t_final within max_steps=3"):
+    run(problem["init_weights"], problem["support"], problem["labels"], 50.0,
+        max_steps=3)
+
+
+def test_max_steps_exceeded_under_xla_is_nan_not_silent(problem):
+  run = tf.function(lambda: comln_tf.adapt(
+      problem["init_weights"], problem["support"], problem["labels"], 50.0,
+      max_steps=3), jit_compile=True)
+  assert np.all(np.isnan(run().numpy()))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="newton"), "method must be one of"),
+    (dict(solver="midpoint"), "solver must be one of"),
+    (dict(solver="rk4"), "num_steps must be a positive integer"),
+    (dict(solver="euler", num_steps=0), "num_steps must be a positive integer"),
+    (dict(rtol=0.0), "rtol must be > 0"),
+    (dict(max_steps=0), "max_steps must be a positive integer"),
+])
+def test_bad_options_name_the_option(problem, kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    comln_tf.adapt(problem["init_weights"], problem["support"],
+                   problem["labels"], 1.0, **kwargs)
+
+
+def test_bad_dtype_and_rank(problem):
+  with pytest.raises(TypeError, match="support_embeddings must have the dtype"):
+    comln_tf.adapt(problem["init_weights"],
+                   problem["support"].astype(np.float32), problem["labels"], 1.)
+  with pytest.raises(ValueError, match=r"init_weights must have shape \[N, d\]"):
+    comln_tf.adapt(problem["init_weights"][0], problem["support"],
+                   problem["labels"], 1.)
+  with pytest.raises(ValueError, match="t_final must be a scalar"):
+    comln_tf.adapt(problem["init_weights"], problem["support"],
+                   problem["labels"], [1., 2.])

@@ -1,0 +1,145 @@
+"""Tests of comln_tf.backbones: shapes, per-task batch norm, serialization."""
+
+import keras
+import numpy as np
+import pytest
+
+from comln_tf import backbones
+
+# Few channels keep the ResNet-12 tests fast; its structure is unchanged.
+TINY_RESNET = dict(channels=(4, 6, 6, 8))
+
+
+def _images(*shape, seed=0):
+  return np.random.default_rng(seed).random(shape, dtype=np.float32)
+
+
+def _embed(backbone, images, training=None):
+  return backbone(images, training=training).numpy()
+
+
+@pytest.mark.parametrize("shape, d", [((2, 3, 28, 28, 1), 64),
+                                      ((1, 2, 84, 84, 3), 1600)])
+def test_conv4_embedding_size(shape, d):
+  backbone = backbones.Conv4()
+  assert _embed(backbone, _images(*shape)).shape == shape[:2] + (d,)
+  assert backbone.compute_output_shape(shape) == shape[:2] + (d,)
+
+
+def test_resnet12_embedding_size():
+  backbone = backbones.ResNet12()
+  assert _embed(backbone, _images(1, 2, 32, 32, 3)).shape == (1, 2, 640 * 2 * 2)
+  # The paper's setting, by shape inference only (a forward pass is slow).
+  assert backbone.compute_output_shape((None, 5, 84, 84, 3)) == (None, 5, 16000)
+  pooled = backbones.ResNet12(global_pool=True)
+  assert pooled.compute_output_shape((None, 5, 84, 84, 3)) == (None, 5, 640)
+
+
+def test_global_pool_is_spatial_mean_of_feature_map():
+  images = _images(2, 3, 32, 32, 3)
+  flat = backbones.ResNet12(**TINY_RESNET)
+  flat_out = _embed(flat, images)
+  pooled = backbones.ResNet12(global_pool=True, **TINY_RESNET)
+  pooled.build(images.shape)
+  pooled.set_weights(flat.get_weights())
+  # Flattening is channels last: [B, n, h * w * c] -> [B, n, h * w, c].
+  expected = flat_out.reshape(2, 3, 2 * 2, 8).mean(axis=2)
+  np.testing.assert_allclose(_embed(pooled, images), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [backbones.Conv4,
+                                  lambda: backbones.ResNet12(**TINY_RESNET)])
+def test_single_task_input(make):
+  backbone = make()
+  images = _images(1, 4, 28, 28, 3)
+  batched = _embed(backbone, images)
+  single = _embed(backbone, images[0])
+  assert single.shape == batched.shape[1:]
+  np.testing.assert_allclose(single, batched[0], atol=1e-5)
+  assert backbone.compute_output_shape(images.shape[1:]) == batched.shape[1:]
+
+
+def test_identity_returns_input():
+  embeddings = _images(2, 5, 7)
+  backbone = backbones.get_backbone("identity")
+  np.testing.assert_array_equal(_embed(backbone, embeddings), embeddings)
+  assert backbone.compute_output_shape((None, 5, 7)) == (None, 5, 7)
+
+
+def test_task_batch_norm_matches_numpy():
+  # Tasks with different means, so batch-wide statistics would differ.
+  offsets = np.arange(3, dtype=np.float32).reshape(3, 1, 1, 1, 1)
+  x = 3.0 * _images(3, 4, 5, 5, 2) + offsets
+  layer = backbones.TaskBatchNormalization(epsilon=1e-3)
+  layer.build(x.shape)
+  gamma = np.array([0.5, 2.0], np.float32)
+  beta = np.array([1.0, -1.0], np.float32)
+  layer.set_weights([gamma, beta])
+  mean = x.mean(axis=(1, 2, 3), keepdims=True)
+  var = x.var(axis=(1, 2, 3), keepdims=True)
+  expected = gamma * (x - mean) / np.sqrt(var + 1e-3) + beta
+  for training in (True, False):
+    np.testing.assert_allclose(_embed(layer, x, training), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [backbones.Conv4,
+                                  lambda: backbones.ResNet12(**TINY_RESNET)])
+def test_normalization_is_per_task(make):
+  backbone = make()
+  images = _images(2, 4, 28, 28, 1)
+  reference = _embed(backbone, images, training=True)
+  # Task 2 replaced by very different images: task 1 must not move.
+  changed = images.copy()
+  changed[1] = 10.0 * _images(4, 28, 28, 1, seed=1) - 3.0
+  out = _embed(backbone, changed, training=True)
+  np.testing.assert_allclose(out[0], reference[0], atol=1e-5)
+  assert not np.allclose(out[1], reference[1], atol=1e-3)
+  # Task 1 alone gives the same embeddings, and so does evaluation mode.
+  alone = _embed(backbone, images[:1], training=False)
+  np.testing.assert_allclose(alone[0], reference[0], atol=1e-5)
+  np.testing.assert_allclose(_embed(backbone, images, training=False),
+                             reference, atol=1e-5)
+  # The statistics do come from the task: changing the other images of
+  # task 1 changes the embedding of its first image.
+  changed[0, 1:] = 5.0 * changed[0, 1:]
+  out = _embed(backbone, changed)
+  assert not np.allclose(out[0, 0], reference[0, 0], atol=1e-3)
+
+
+@pytest.mark.parametrize("name, kwargs, shape", [
+    ("conv4", {}, (3, 28, 28, 1)),
+    ("resnet12", dict(global_pool=True, **TINY_RESNET), (3, 16, 16, 3)),
+    ("identity", {}, (3, 10)),
+])
+def test_save_load_round_trip(tmp_path, name, kwargs, shape):
+  inputs = keras.Input(shape)
+  model = keras.Model(inputs, backbones.get_backbone(name, **kwargs)(inputs))
+  path = str(tmp_path / "backbone.keras")
+  model.save(path)
+  loaded = keras.models.load_model(path)
+  images = _images(2, *shape)
+  np.testing.assert_array_equal(_embed(loaded, images), _embed(model, images))
+  layer = loaded.layers[-1]
+  assert type(layer) is type(model.layers[-1])
+  assert layer.get_config() == model.layers[-1].get_config()
+
+
+def test_get_config_is_complete():
+  backbone = backbones.ResNet12(channels=(2, 3, 4, 5), negative_slope=0.2,
+                                epsilon=1e-3, global_pool=True)
+  clone = backbones.ResNet12.from_config(backbone.get_config())
+  assert clone.channels == (2, 3, 4, 5)
+  assert (clone.negative_slope, clone.epsilon, clone.global_pool) == (
+      0.2, 1e-3, True)
+  conv4 = backbones.Conv4.from_config(
+      backbones.Conv4(filters=8, epsilon=1e-2).get_config())
+  assert (conv4.filters, conv4.epsilon) == (8, 1e-2)
+
+
+def test_get_backbone():
+  assert isinstance(backbones.get_backbone("conv4", filters=8),
+                    backbones.Conv4)
+  assert isinstance(backbones.get_backbone("resnet12"), backbones.ResNet12)
+  with pytest.raises(ValueError, match="conv4, identity, resnet12"):
+    backbones.get_backbone("resnet18")

@@ -1,0 +1,201 @@
+"""Tests of comln_tf.model.COMLN: call, training, weight decay, saving."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from comln_tf import backbones
+from comln_tf.layers import GradientFlowClassifier
+from comln_tf.model import COMLN
+
+WAYS, QUERIES = 5, 2
+
+
+def _episodes(num_tasks, seed=0, noise=0.3, image_shape=(28, 28, 1)):
+  """5-way 1-shot episodes: each class is a random prototype plus noise.
+
+  Labels are permuted per task, so only adaptation to the support set
+  classifies the queries.
+
+  Returns:
+    episode dict: support_images [num_tasks, 5, *image_shape], support_labels
+    [num_tasks, 5], query_images [num_tasks, 10, *image_shape], query_labels
+    [num_tasks, 10].
+  """
+  rng = np.random.default_rng(seed)
+  prototypes = rng.random((num_tasks, WAYS) + image_shape, dtype=np.float32)
+  support_labels = np.stack([rng.permutation(WAYS) for _ in range(num_tasks)])
+  query_labels = np.tile(np.arange(WAYS), (num_tasks, QUERIES))
+
+  def draw(labels):
+    index = labels.reshape(labels.shape + (1,) * len(image_shape))
+    clean = np.take_along_axis(prototypes, index, axis=1)
+    return clean + noise * rng.standard_normal(clean.shape, dtype=np.float32)
+
+  return {"support_images": draw(support_labels),
+          "support_labels": support_labels.astype(np.int32),
+          "query_images": draw(query_labels),
+          "query_labels": query_labels.astype(np.int32)}
+
+
+def _conv4_model(**kwargs):
+  return COMLN(backbones.Conv4(filters=8), GradientFlowClassifier(WAYS),
+               **kwargs)
+
+
+def test_call_shapes_and_joint_embedding():
+  model = _conv4_model()
+  episode = _episodes(2)
+  logits, stats = model(episode, return_stats=True)
+  assert tuple(logits.shape) == (2, WAYS * QUERIES, WAYS)
+  assert int(stats.num_evals) > 0
+  # By hand: embed support and query of each task together (the per-task
+  # batch norm sees both), then the classifier layer's own call.
+  images = np.concatenate([episode["support_images"],
+                           episode["query_images"]], axis=1)
+  embeddings = model.backbone(images).numpy()
+  expected = model.classifier(embeddings[:, :WAYS], episode["support_labels"],
+                              embeddings[:, WAYS:])
+  np.testing.assert_allclose(logits.numpy(), expected.numpy(), atol=1e-5)
+  # Embedding queries apart from the support set would give other values.
+  separate = np.concatenate([model.backbone(episode["support_images"]),
+                             model.backbone(episode["query_images"])], axis=1)
+  assert not np.allclose(separate, embeddings, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_fit_reduces_loss():
+  keras.utils.set_random_seed(0)
+  episodes = _episodes(4)
+  dataset = tf.data.Dataset.from_tensor_slices(episodes).batch(2)
+  model = _conv4_model(weight_decay=5e-4)
+  model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9,
+                                               nesterov=True))
+  before = model.evaluate(dataset, return_dict=True, verbose=0)
+  history = model.fit(dataset, epochs=3, shuffle=False, verbose=0).history
+  after = model.evaluate(dataset, return_dict=True, verbose=0)
+  assert set(history) == {"loss", "accuracy", "num_evals", "t_final"}
+  assert after["loss"] < 0.5 * before["loss"]
+  assert after["accuracy"] > before["accuracy"]
+  assert after["num_evals"] > 0
+  assert after["t_final"] == pytest.approx(model.classifier.t_final.numpy())
+  # The logged loss is the mean query cross-entropy, recomputed here.
+  logits = model.predict(dataset, verbose=0)
+  labels = episodes["query_labels"]
+  shifted = logits - logits.max(-1, keepdims=True)
+  log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  cross_entropy = -np.take_along_axis(log_probs, labels[..., None], -1).mean()
+  assert after["loss"] == pytest.approx(cross_entropy, rel=1e-4)
+
+
+def _loss_and_gradients(model, episode):
+  with tf.GradientTape() as tape:
+    loss = COMLN.query_loss(episode["query_labels"],
+                            model(episode, training=True))
+  return loss, tape.gradient(loss, model.trainable_variables)
+
+
+def test_gradients_reach_backbone_init_weights_and_tau():
+  model = _conv4_model()
+  episode = _episodes(2)
+  model(episode)
+  _, gradients = _loss_and_gradients(model, episode)
+  named = {v.path: g for v, g in zip(model.trainable_variables, gradients)}
+  backbone_paths = {v.path for v in model.backbone.trainable_variables}
+  assert len(backbone_paths) == 12  # 4 x (conv kernel, gamma, beta)
+  assert set(named) == backbone_paths | {model.classifier.init_weights.path,
+                                         model.classifier.log_t.path}
+  for path, gradient in named.items():
+    assert gradient is not None, path
+    assert np.all(np.isfinite(gradient)), path
+    assert np.any(gradient.numpy() != 0), path
+
+
+def test_tau_and_init_weights_gradients_match_finite_differences():
+  rng = np.random.default_rng(1)
+  episode = {"support_images": rng.standard_normal((2, 5, 6), np.float32),
+             "support_labels": np.tile(np.arange(5, dtype=np.int32), (2, 1)),
+             "query_images": rng.standard_normal((2, 4, 6), np.float32),
+             "query_labels": rng.integers(0, 5, (2, 4)).astype(np.int32)}
+  classifier = GradientFlowClassifier(5, initial_t=2.0, rtol=1e-7, atol=1e-7)
+  model = COMLN("identity", classifier)
+  model(episode)
+  _, gradients = _loss_and_gradients(model, episode)
+  gradient = dict(zip([v.path for v in model.trainable_variables], gradients))
+
+  def loss_with(variable, delta, index=()):
+    value = np.array(variable.numpy())
+    shifted = value.copy()
+    shifted[index] += delta
+    variable.assign(shifted)
+    loss = COMLN.query_loss(episode["query_labels"], model(episode)).numpy()
+    variable.assign(value)
+    return loss
+
+  h = 1e-2
+  for variable, index in ((classifier.log_t, ()), (classifier.init_weights,
+                                                    (1, 2))):
+    numeric = (loss_with(variable, h, index) -
+               loss_with(variable, -h, index)) / (2 * h)
+    analytic = gradient[variable.path].numpy()[index]
+    assert analytic == pytest.approx(numeric, rel=5e-3, abs=1e-4)
+
+
+def test_weight_decay_applies_to_all_but_tau():
+  weight_decay, learning_rate = 0.1, 0.5
+  model = COMLN(backbones.Conv4(filters=8),
+                GradientFlowClassifier(WAYS, initial_t=2.0),
+                weight_decay=weight_decay)
+  model.compile(optimizer=keras.optimizers.SGD(learning_rate))
+  episode = _episodes(2)
+  model(episode)
+  _, gradients = _loss_and_gradients(model, episode)
+  before = [v.numpy() for v in model.trainable_variables]
+  model.train_step(episode)
+  log_t_path = model.classifier.log_t.path
+  # Decaying tau too would move it by this much: far above the tolerance.
+  assert math.log(2.0) * weight_decay * learning_rate > 1e-2
+  for variable, old, gradient in zip(model.trainable_variables, before,
+                                     gradients):
+    decay = 0.0 if variable.path == log_t_path else weight_decay * old
+    expected = old - learning_rate * (gradient.numpy() + decay)
+    np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-5,
+                               atol=1e-6, err_msg=variable.path)
+
+
+def test_optimizer_weight_decay_is_refused():
+  model = _conv4_model()
+  model.compile(optimizer=keras.optimizers.AdamW(weight_decay=1e-4))
+  dataset = tf.data.Dataset.from_tensors(_episodes(2))
+  with pytest.raises(ValueError, match="weight_decay"):
+    model.fit(dataset, shuffle=False, verbose=0)
+
+
+def test_save_load_round_trip(tmp_path):
+  model = COMLN("conv4", GradientFlowClassifier(WAYS, initial_t=0.5),
+                weight_decay=5e-4)
+  model.compile(optimizer=keras.optimizers.SGD(0.1))
+  episode = _episodes(2)
+  model.train_step(episode)  # trained weights and T differ from the init
+  path = str(tmp_path / "comln.keras")
+  model.save(path)
+  loaded = keras.models.load_model(path)
+  assert isinstance(loaded, COMLN)
+  assert isinstance(loaded.backbone, backbones.Conv4)
+  assert loaded.weight_decay == 5e-4
+  assert loaded.classifier.get_config() == model.classifier.get_config()
+  assert loaded.classifier.t_final.numpy() == model.classifier.t_final.numpy()
+  np.testing.assert_array_equal(loaded(episode).numpy(), model(episode).numpy())
+  assert isinstance(loaded.optimizer, keras.optimizers.SGD)
+
+
+def test_bad_arguments():
+  with pytest.raises(TypeError, match="GradientFlowClassifier"):
+    COMLN("conv4", keras.layers.Dense(5))
+  with pytest.raises(ValueError, match="known backbones"):
+    COMLN("vgg", GradientFlowClassifier(WAYS))
+  with pytest.raises(ValueError, match="weight_decay"):
+    COMLN("conv4", GradientFlowClassifier(WAYS), weight_decay=-1.0)
