@@ -138,10 +138,12 @@ class Forward(GradientMethod):
       logits0, gram = _logits_and_gram(init_weights, support_embeddings)
       s0 = _zero_state(support_embeddings, labels)
       batch, num_examples, num_classes = tf.unstack(tf.shape(s0))
+      # The solve carries N - 1 classes of each tangent (the last is minus
+      # their sum, see _reduced.drop_last_class): 20% less memory at N = 5.
       tangents0 = tf.zeros(
           [batch, num_examples,
-           _reduced.num_directions(num_examples, num_classes), num_classes],
-          s0.dtype)
+           _reduced.num_directions(num_examples, num_classes),
+           num_classes - 1], s0.dtype)
 
       def vector_field(state):
         s, tangents = state
@@ -150,6 +152,7 @@ class Forward(GradientMethod):
 
       (s_final, tangents_final), stats = solver.integrate(
           vector_field, (s0, tangents0), t_final, max_steps)
+      tangents_final = _reduced.restore_last_class(tangents_final)
       weights = _weights_from_state(init_weights, support_embeddings, s_final)
 
       def grad(d_weights, *unused_stat_grads):

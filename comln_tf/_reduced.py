@@ -14,8 +14,9 @@ Directions, K = M N + M (M + 1) / 2 of them per task:
   * L0 directions k = (i, n), i in [0, M), n in [0, N): dL0 = e_i e_n^T;
   * G directions k = (m, j), m <= j: dG = e_m e_j^T + e_j e_m^T (G is
     symmetric, so the M (M - 1) / 2 others are redundant).
-Tangents are stored as one tensor [B, M, K, N] (task, example, direction,
-class) so that J_s f applied to all directions is one batched matmul with G.
+Tangents are stored as one tensor [B, M, K, N - 1] (task, example,
+direction, class; the last class is implied, see `drop_last_class`) so that
+J_s f applied to all directions is one batched matmul with G.
 
 Two interchangeable ways compute the tangent field (`TANGENT_FIELDS`):
   * "accumulator": `tf.autodiff.ForwardAccumulator` applied to
@@ -75,38 +76,55 @@ def _logit0_forcing(num_examples, num_classes, dtype):
 def _closed_form_tangent_field(s, tangents, logits0, gram, labels):
   """The JVP of `reduced_vector_field` for cross-entropy, by hand.
 
+  Works on the first N - 1 classes only (see `drop_last_class`), so no
+  tensor of the full tangent size is ever formed: the last class of G @ T
+  is minus the sum of the others, and so is the last class of T.
+
   Args:
     s: [B, M, N] reduced state.
-    tangents: [B, M, K, N], ds/dtheta for the K directions.
+    tangents: [B, M, K, N - 1], ds/dtheta for the K directions, last class
+      dropped.
     logits0, gram, labels: as in `reduced_vector_field`.
 
   Returns:
-    [B, M, K, N], d(tangents)/dt.
+    [B, M, K, N - 1], d(tangents)/dt.
   """
+  del labels  # The softmax Jacobian does not depend on them.
   batch, num_examples, num_classes = tf.unstack(tf.shape(s))
   num_directions = tf.shape(tangents)[2]
   probs = tf.nn.softmax(logits0 - tf.matmul(gram, s), axis=-1)
   # Forcing of the logits by each direction: the identity for L0 directions,
-  # -(e_m s_j^T + e_j s_m^T) for the G direction (m, j).
+  # -(e_m s_j^T + e_j s_m^T) for the G direction (m, j). Built separately
+  # for the first N - 1 classes and the last, each used once, so that XLA
+  # fuses it into its consumer instead of keeping a full-size tensor.
   pairs = gram_directions(num_examples)
   rows_m = tf.one_hot(pairs[:, 0], num_examples, axis=0, dtype=s.dtype)
   rows_j = tf.one_hot(pairs[:, 1], num_examples, axis=0, dtype=s.dtype)
-  s_at_j = tf.gather(s, pairs[:, 1], axis=1)[:, None]  # [B, 1, K_G, N]
-  s_at_m = tf.gather(s, pairs[:, 0], axis=1)[:, None]
-  gram_forcing = -(rows_m[None, :, :, None] * s_at_j +
-                   rows_j[None, :, :, None] * s_at_m)  # [B, M, K_G, N]
-  logit0_forcing = tf.broadcast_to(
-      _logit0_forcing(num_examples, num_classes, s.dtype)[None],
-      [batch, num_examples, num_examples * num_classes, num_classes])
-  # -G @ tangents as one matmul over all directions and classes.
+  logit0_forcing = _logit0_forcing(num_examples, num_classes, s.dtype)
+
+  def forcing(classes):
+    s_part = s[..., classes]
+    s_at_j = tf.gather(s_part, pairs[:, 1], axis=1)[:, None]  # [B,1,K_G,C]
+    s_at_m = tf.gather(s_part, pairs[:, 0], axis=1)[:, None]
+    gram_forcing = -(rows_m[None, :, :, None] * s_at_j +
+                     rows_j[None, :, :, None] * s_at_m)  # [B, M, K_G, C]
+    eye_part = logit0_forcing[..., classes]
+    return tf.concat([
+        tf.broadcast_to(eye_part[None], tf.concat(
+            [[batch], tf.shape(eye_part)], 0)), gram_forcing], axis=2)
+
+  # G @ tangents as one matmul over all directions and classes.
   flat = tf.reshape(tangents, [batch, num_examples, -1])
   coupled = tf.reshape(tf.matmul(gram, flat),
-                       [batch, num_examples, num_directions, num_classes])
-  dlogits = tf.concat([logit0_forcing, gram_forcing], axis=2) - coupled
-  # Softmax Jacobian row by row, A_i v = p_i * v - p_i (p_i . v), in O(N).
+                       [batch, num_examples, num_directions, num_classes - 1])
+  dlogits = forcing(slice(None, -1)) - coupled
+  dlogits_last = forcing(slice(-1, None)) + tf.reduce_sum(coupled, -1,
+                                                           keepdims=True)
+  # Softmax Jacobian row by row, (A_i v)_c = p_c (v_c - p_i . v), in O(N).
   p = probs[:, :, None, :]
-  jvp = p * dlogits - p * tf.reduce_sum(p * dlogits, axis=-1, keepdims=True)
-  return jvp / tf.cast(num_examples, s.dtype)
+  p_dot_v = tf.reduce_sum(p[..., :-1] * dlogits, axis=-1, keepdims=True) + (
+      p[..., -1:] * dlogits_last)
+  return p[..., :-1] * (dlogits - p_dot_v) / tf.cast(num_examples, s.dtype)
 
 
 def _direction_tangents(num_examples, num_classes, dtype):
@@ -133,7 +151,8 @@ def _accumulator_tangent_field(s, tangents, logits0, gram, labels):
 
   Same arguments and result as `_closed_form_tangent_field`.
   """
-  batch, num_examples, num_classes = tf.unstack(tf.shape(s))
+  tangents = restore_last_class(tangents)
+  num_examples, num_classes = tf.unstack(tf.shape(s))[1:]
   d_logits0, d_gram = _direction_tangents(num_examples, num_classes, s.dtype)
 
   def one_direction(direction):
@@ -149,7 +168,7 @@ def _accumulator_tangent_field(s, tangents, logits0, gram, labels):
   # it once and batches only the tangent computation.
   per_direction = tf.vectorized_map(
       one_direction, (tf.transpose(tangents, [2, 0, 1, 3]), d_logits0, d_gram))
-  return tf.transpose(per_direction, [1, 2, 0, 3])
+  return drop_last_class(tf.transpose(per_direction, [1, 2, 0, 3]))
 
 
 TANGENT_FIELDS = {
@@ -161,6 +180,24 @@ TANGENT_FIELDS = {
 def num_directions(num_examples, num_classes):
   """K = M N + M (M + 1) / 2, the sensitivity directions per task."""
   return num_examples * num_classes + num_examples * (num_examples + 1) // 2
+
+
+def drop_last_class(tangents):
+  """[..., N] -> [..., N - 1]: the class axis without its last entry.
+
+  Every tangent sums to zero over classes at all times: it starts at zero,
+  and its time derivative is a JVP of the loss gradient with respect to the
+  logits, which sums to zero over classes for any loss of softmax
+  probabilities (the softmax ignores a shift of all logits; for
+  cross-entropy, 1^T A_i = 0). So the last class is redundant.
+  """
+  return tangents[..., :-1]
+
+
+def restore_last_class(tangents):
+  """[..., N - 1] -> [..., N], the last class minus the sum of the others."""
+  return tf.concat([tangents, -tf.reduce_sum(tangents, -1, keepdims=True)],
+                   axis=-1)
 
 
 def contract_sensitivities(tangents, cotangent_s):

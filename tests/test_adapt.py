@@ -189,7 +189,7 @@ def test_tangent_fields_agree():
   directions = _reduced.num_directions(examples, classes)
   support = rng.normal(size=(batch, examples, 4))
   args = (tf.constant(rng.normal(size=(batch, examples, classes))),
-          tf.constant(rng.normal(size=(batch, examples, directions, classes))),
+          tf.constant(rng.normal(size=(batch, examples, directions, classes - 1))),
           tf.constant(rng.normal(size=(batch, examples, classes))),
           tf.constant(support @ np.swapaxes(support, 1, 2)),
           tf.constant(_softmax(rng.normal(size=(batch, examples, classes)))))
