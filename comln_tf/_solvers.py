@@ -14,16 +14,17 @@ always set because XLA needs it to differentiate a while loop.
 """
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import tensorflow as tf
 
 VectorField = Callable[[object], object]
 
 
-@dataclasses.dataclass(frozen=True)
-class SolveStats:
+class SolveStats(NamedTuple):
   """What a solve cost and whether it finished.
+
+  A NamedTuple, so that tf.function and tf.nest pass it through.
 
   Attributes:
     num_evals: int32 scalar, evaluations of the vector field (each evaluates

@@ -367,3 +367,24 @@ def test_bad_dtype_and_rank(problem):
   with pytest.raises(ValueError, match="t_final must be a scalar"):
     comln_tf.adapt(problem["init_weights"], problem["support"],
                    problem["labels"], [1., 2.])
+
+
+def test_layer_jit_compile_gives_the_same_gradients():
+  problem = make_problem(seed=9)
+  results = []
+  for jit_compile in (False, True):
+    layer = comln_tf.layers.GradientFlowClassifier(
+        3, dtype="float64", jit_compile=jit_compile)
+    layer.build(problem["support"].shape)
+    if results:
+      layer.set_weights(results[0][2])
+    with tf.GradientTape() as tape:
+      logits = layer(problem["support"], problem["labels"], problem["queries"],
+                     training=True)
+      loss = tf.reduce_sum(tf.sin(logits))
+    grads = tape.gradient(loss, layer.trainable_variables)
+    results.append((logits.numpy(), [g.numpy() for g in grads],
+                    layer.get_weights()))
+  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-10)
+  for a, b in zip(results[0][1], results[1][1]):
+    np.testing.assert_allclose(a, b, rtol=1e-9)
