@@ -1,0 +1,86 @@
+"""Evaluating a trained run from its model_dir (the test protocol)."""
+
+import os
+
+import tensorflow as tf
+
+from comln_tf import evaluation
+from comln_tf.training import _loop
+from comln_tf.training import _models
+from comln_tf.training._config import ConfigError
+from comln_tf.training._config import load_config
+
+SPLITS = ("test", "validation")
+
+
+def default_output(model_dir, which, split, ways, shots):
+  """model_dir/evaluation_<split>_<which>_<ways>w<shots>s.json."""
+  return os.path.join(model_dir,
+                      f"evaluation_{split}_{which}_{ways}w{shots}s.json")
+
+
+def evaluate_run(model_dir, *, which="best", split="test", num_episodes=1000,
+                 seed=evaluation.TEST_SEED, ways=None, shots=None,
+                 queries=None, batch_size=None, data_dir=None, output=None):
+  """Evaluates a run's checkpoint on fixed episodes and writes the JSON.
+
+  Args:
+    model_dir: str, the run's directory.
+    which: "best" or "latest" checkpoint.
+    split: "test" or "validation" classes.
+    num_episodes: number of episodes (1,000 in the paper).
+    seed: seed of the episodes; the default gives the standard test set,
+      the same for every run and machine.
+    ways, shots, queries: the episodes' N, k and queries per class (default:
+      the training run's). Other ways need a run with tied initial rows.
+    batch_size: episodes per model call (default: the run's meta-batch).
+    data_dir: where the dataset is (default: the run's).
+    output: JSON file (default: `default_output(...)` in model_dir).
+
+  Returns:
+    dict: "accuracy" and "ci95" (fractions), "episodes", "ways", "shots",
+    "queries", "seed", "split", "checkpoint" (its path), "step" and
+    "output" (where the JSON was written).
+
+  Raises:
+    ConfigError: naming the flag: no run or no such checkpoint in
+      model_dir, ways the model cannot classify, episodes the split cannot
+      make, bad split or episode count.
+  """
+  if split not in SPLITS:
+    raise ConfigError(f"--split must be one of {', '.join(SPLITS)}; got "
+                      f"{split!r}.")
+  if which not in ("best", "latest"):
+    raise ConfigError(f"--checkpoint must be best or latest; got {which!r}.")
+  for name, value in (("episodes", num_episodes), ("batch_size", batch_size)):
+    if value is not None and (not isinstance(value, int) or value < 1):
+      raise ConfigError(f"--{name} must be an integer >= 1; got {value!r}.")
+  try:
+    config = load_config(model_dir)
+    path = _models.checkpoint_path(model_dir, which)
+    # At once: a live run may replace its best or old checkpoints.
+    step = _models.checkpoint_step(path)
+    model = _models.model_from_checkpoint(config, path)
+  except (FileNotFoundError, ValueError, tf.errors.NotFoundError) as error:
+    raise ConfigError(f"--model_dir={model_dir} --checkpoint={which}: "
+                      f"{error}") from error
+  ways = ways or config["ways"]
+  shots = shots or config["shots"]
+  queries = queries or config["queries"]
+  if ways != config["ways"] and not config["tie_init_rows"]:
+    raise ConfigError(
+        f"--ways={ways}: the run was trained with --ways={config['ways']} "
+        f"and without --tie_init_rows, so its W0 has {config['ways']} rows.")
+  if data_dir is not None:
+    config = {**config, "data_dir": data_dir}
+  class_set = getattr(_loop.load_splits(config), split)
+  _loop.check_episodes(class_set, ways, shots, queries)
+  results = evaluation.evaluate(
+      model, class_set, ways=ways, shots=shots, queries=queries,
+      num_episodes=num_episodes, seed=seed,
+      batch_size=batch_size or config["meta_batch_size"])
+  output = output or default_output(model_dir, which, split, ways, shots)
+  results.update(checkpoint=path, step=step, model_dir=model_dir,
+                 output=output)
+  evaluation.write_json(output, results)
+  return results

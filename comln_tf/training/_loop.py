@@ -1,0 +1,446 @@
+"""The meta-training loop: distributed steps, checkpoints, validation, logs.
+
+Resume-exactness: the state that determines the rest of a run is the model,
+the optimizer (slots and iteration count) and the step, all in the
+checkpoint; episode i of the training stream is a pure function of
+(seed, i), so a run resumed at step k reads the meta-batches an
+uninterrupted run reads from step k on.
+"""
+
+import dataclasses
+import datetime
+import logging
+import os
+import sys
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
+import tqdm
+
+from comln_tf import data
+from comln_tf import evaluation
+from comln_tf.training import _config
+from comln_tf.training import _distribute
+from comln_tf.training import _models
+from comln_tf.training._config import ConfigError
+
+_LOG = logging.getLogger(__name__)
+
+
+def load_splits(config):
+  """The class splits of the configured dataset.
+
+  Args:
+    config: a configuration (dataset, data_dir, image_size, rotations).
+
+  Returns:
+    data.Splits.
+
+  Raises:
+    ConfigError: the data cannot be loaded (unknown dataset, missing data
+      directory, files in the wrong format...).
+  """
+  try:
+    return data.load_splits(config["dataset"], config["data_dir"],
+                            config["image_size"],
+                            rotations=config["rotations"])
+  except ValueError as error:
+    raise ConfigError(
+        f"--dataset={config['dataset']} --data_dir={config['data_dir']} "
+        f"--image_size={config['image_size']} --rotations="
+        f"{config['rotations']}: {error}") from error
+
+
+def check_episodes(class_set, ways, shots, queries):
+  """Raises ConfigError (naming the flags) unless the episodes fit the set."""
+  try:
+    data.check_episode_args(class_set, ways, shots, queries)
+  except ValueError as error:
+    raise ConfigError(f"--ways={ways} --shots={shots} --queries={queries}: "
+                      f"{error}") from error
+
+
+def load_data(config):
+  """Loads the run's class splits and checks that its episodes fit them.
+
+  Args:
+    config: a configuration.
+
+  Returns:
+    (data.Splits, example_shape list: [H, W, C] or [d]).
+
+  Raises:
+    ConfigError: the data cannot be loaded, the train (or validation) split
+      has too few classes or examples for the episodes, or the backbone
+      does not fit the examples.
+  """
+  splits = load_splits(config)
+  class_sets = [splits.train] + ([splits.validation]
+                                 if config["validate_every"] else [])
+  for class_set in class_sets:
+    check_episodes(class_set, config["ways"], config["shots"],
+                   config["queries"])
+  example_shape = list(splits.train.example_shape)
+  if (len(example_shape) == 3) != (config["backbone"] != "identity"):
+    raise ConfigError(
+        f"--backbone={config['backbone']} does not fit the examples of "
+        f"--dataset={config['dataset']} (shape {example_shape}): use conv4 or "
+        f"resnet12 for images, identity for feature vectors.")
+  return splits, example_shape
+
+
+def prepare_run(config, model_dir, strategy):
+  """Validates a run before any training: flags, saved run, data.
+
+  On the chief, writes the configuration (with `example_shape`) to
+  model_dir/config.json.
+
+  Args:
+    config: a configuration.
+    model_dir: str, the run's directory (new, or a run to resume).
+    strategy: the run's tf.distribute.Strategy.
+
+  Returns:
+    (configuration with example_shape, data.Splits).
+
+  Raises:
+    ConfigError: a bad flag, or flags that differ from the saved run's.
+  """
+  _config.validate_config(config)
+  replicas = strategy.num_replicas_in_sync
+  if config["meta_batch_size"] % replicas:
+    raise ConfigError(f"--meta_batch_size={config['meta_batch_size']} must be "
+                      f"divisible by the number of replicas ({replicas}).")
+  saved = None
+  if tf.io.gfile.exists(os.path.join(model_dir, _config.CONFIG_FILE)):
+    saved = _config.load_config(model_dir)
+    # Before loading data, so that a mismatch fails at once.
+    _config.check_resume(saved, config, model_dir)
+  elif tf.train.latest_checkpoint(model_dir):
+    raise ConfigError(f"model_dir {model_dir!r} holds checkpoints but no "
+                      f"{_config.CONFIG_FILE}; use a new --model_dir.")
+  splits, example_shape = load_data(config)
+  config = {**config, "example_shape": example_shape}
+  if saved is not None:
+    _config.check_resume(saved, config, model_dir)
+  if _distribute.is_chief(strategy):
+    _config.save_config(model_dir, config)
+  return config, splits
+
+
+@dataclasses.dataclass
+class _State:
+  """What a run trains and checkpoints."""
+  model: keras.Model
+  optimizer: keras.optimizers.Optimizer
+  step: tf.Variable  # int64 scalar: meta-training steps done.
+  best_accuracy: tf.Variable  # float32 scalar: best validation accuracy.
+  checkpoint: tf.train.Checkpoint
+
+
+def _make_state(config, strategy):
+  with strategy.scope():
+    keras.utils.set_random_seed(config["seed"])
+    model = _models.build_model(config)
+    optimizer = _models.build_optimizer(config, model)
+    step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    best_accuracy = tf.Variable(-1.0, dtype=tf.float32, trainable=False,
+                                name="best_accuracy")
+  checkpoint = _models.make_checkpoint(model, optimizer=optimizer, step=step,
+                                       best_accuracy=best_accuracy)
+  return _State(model, optimizer, step, best_accuracy, checkpoint)
+
+
+# Means over the replicas of one step, summed over the steps of a log window.
+_METRICS = ("loss", "accuracy", "num_evals")
+
+
+def make_train_step(model, optimizer, step, strategy, totals):
+  """The compiled meta-training step.
+
+  Each replica adapts to its slice of the meta-batch and computes the
+  gradient of its mean query loss plus the L2 term, and contributes 1/R of
+  it (R replicas). The optimizer sums the contributions over replicas, so
+  it applies the gradient of the mean loss over the global meta-batch (all
+  slices have B/R episodes: the mean of the slice means is the global
+  mean, i.e. the sum of per-replica loss sums over B) plus the L2 term
+  counted once.
+
+  Args:
+    model: a built COMLN, created under `strategy`.
+    optimizer: a built Keras optimizer, created under `strategy`.
+    step: int64 tf.Variable, the number of steps done, incremented.
+    strategy: the tf.distribute.Strategy.
+    totals: dict of float32 tf.Variables: "loss", "accuracy", "num_evals"
+      (each step adds its value, averaged over replicas) and "steps".
+
+  Returns:
+    tf.function taking an iterator of distributed meta-batches: runs one
+    step, updates `step` and `totals`, returns nothing (no host
+    round-trip).
+  """
+  num_replicas = strategy.num_replicas_in_sync
+
+  def replica_step(batch):
+    with tf.GradientTape() as tape:
+      logits, stats = model(batch, training=True, return_stats=True)
+      loss = model.query_loss(batch["query_labels"], logits)
+    variables = model.trainable_variables
+    gradients = model.regularized_gradients(tape.gradient(loss, variables),
+                                            variables)
+    # 1/R of this replica's gradient: the optimizer sums over replicas.
+    optimizer.apply([g / num_replicas for g in gradients], variables)
+    correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32),
+                       tf.cast(batch["query_labels"], tf.int32))
+    return {"loss": loss,
+            "accuracy": tf.reduce_mean(tf.cast(correct, tf.float32)),
+            "num_evals": tf.cast(stats.num_evals, tf.float32)}
+
+  @tf.function
+  def train_step(iterator):
+    results = strategy.run(replica_step, args=(next(iterator),))
+    for name in _METRICS:
+      totals[name].assign_add(strategy.reduce(
+          tf.distribute.ReduceOp.MEAN, results[name], axis=None))
+    totals["steps"].assign_add(1.0)
+    step.assign_add(1)
+
+  return train_step
+
+
+class _Saver:
+  """Saves the latest and the best checkpoints, the multi-worker way.
+
+  Every worker saves (TensorFlow's convention: saving may need collective
+  ops); the chief into model_dir (latest) and model_dir/best, the others
+  into a temporary directory that is deleted at once.
+
+  A CheckpointManager writes a checkpoint completely (data files, then the
+  index) before it updates its `checkpoint` state file, and it replaces
+  that file atomically (temporary file + rename); old checkpoints are
+  deleted only after. So a run killed at any point leaves a state file
+  naming only complete checkpoints, for the latest and the best alike.
+  """
+
+  def __init__(self, checkpoint, model_dir, strategy, keep):
+    self._chief = _distribute.is_chief(strategy)
+    self._root = _distribute.worker_dir(model_dir, strategy)
+    self._latest = tf.train.CheckpointManager(checkpoint, self._root,
+                                              max_to_keep=keep)
+    self._best = tf.train.CheckpointManager(
+        checkpoint, os.path.join(self._root, _models.BEST_DIR), max_to_keep=1)
+
+  def _save(self, manager, step):
+    path = manager.save(checkpoint_number=step)
+    if not self._chief:
+      tf.io.gfile.rmtree(self._root)
+    return path
+
+  def save_latest(self, step):
+    return self._save(self._latest, step)
+
+  def save_best(self, step):
+    return self._save(self._best, step)
+
+
+def _restore(state, model_dir):
+  """Restores the latest checkpoint of model_dir, if any; returns the step."""
+  path = tf.train.latest_checkpoint(model_dir)
+  if path is None:
+    return 0
+  state.checkpoint.restore(path).assert_consumed()
+  step = int(state.step.numpy())
+  _LOG.info("Resumed from %s (step %d).", path, step)
+  return step
+
+
+# TensorBoard's scalar-plugin metadata, so that summaries need no
+# `tensorboard` package to be written (tf.summary.scalar does).
+_SCALAR_METADATA = summary_pb2.SummaryMetadata(
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+
+
+def _write_scalars(writer, values, step):
+  """Writes float scalars as TensorBoard scalar summaries at `step`."""
+  with writer.as_default():
+    for name, value in values.items():
+      tf.summary.write(name, tf.constant(value, tf.float32), step=step,
+                       metadata=_SCALAR_METADATA)
+
+
+class _Monitor:
+  """The run's outputs: summaries, progress, log lines, throughput.
+
+  Metrics are read from the step's accumulators once per log window (the
+  only host round-trip of training). On a terminal, progress is a bar with
+  an ETA; otherwise (log files, --noprogress) one log line per window. A
+  non-chief worker writes nothing.
+  """
+
+  def __init__(self, model_dir, config, start, chief, progress):
+    self._batch_size, self._steps = config["meta_batch_size"], config["steps"]
+    self._writers = {
+        name: (tf.summary.create_file_writer(os.path.join(model_dir, name))
+               if chief else tf.summary.create_noop_writer())
+        for name in ("train", "validation")}
+    use_bar = chief and progress and sys.stderr.isatty()
+    self._log_lines = chief and not use_bar
+    self._bar = tqdm.tqdm(total=self._steps, initial=start, unit="step",
+                          disable=not use_bar, file=sys.stderr,
+                          dynamic_ncols=True)
+    self._last_step = start
+    self._window_time = 0.0
+    # Throughput after the first window, which includes tracing.
+    self._first_window = True
+    self._steady_steps, self._steady_time = 0, 0.0
+    self.logs = {}
+
+  def run_step(self, train_step, iterator):
+    """Runs one training step, timing it."""
+    begin = time.perf_counter()
+    train_step(iterator)
+    self._window_time += time.perf_counter() - begin
+    self._bar.update(1)
+
+  def log_window(self, step, totals, t_final):
+    """Writes the means of the window's steps (and zeroes the totals)."""
+    count = max(float(totals["steps"].numpy()), 1.0)
+    logs = {name: float(totals[name].numpy()) / count for name in _METRICS}
+    for variable in totals.values():
+      variable.assign(0.0)
+    window_steps = step - self._last_step
+    seconds_per_step = self._window_time / window_steps
+    logs["t_final"] = t_final
+    logs["episodes_per_second"] = self._batch_size / seconds_per_step
+    if not self._first_window:
+      self._steady_steps += window_steps
+      self._steady_time += self._window_time
+    self._first_window = False
+    self._last_step, self._window_time = step, 0.0
+    _write_scalars(self._writers["train"], logs, step)
+    self._bar.set_postfix(loss=f"{logs['loss']:.3f}",
+                          acc=f"{logs['accuracy']:.3f}",
+                          T=f"{t_final:.3g}", refresh=False)
+    if self._log_lines:
+      eta = datetime.timedelta(
+          seconds=round((self._steps - step) * seconds_per_step))
+      _LOG.info("Step %d/%d: loss %.4f, accuracy %.4f, T %.4g, %.4g ODE "
+                "evaluations, %.3g episodes/s, ETA %s.", step, self._steps,
+                logs["loss"], logs["accuracy"], t_final, logs["num_evals"],
+                logs["episodes_per_second"], eta)
+    self.logs = logs
+
+  def log_validation(self, step, summary, improved):
+    _write_scalars(self._writers["validation"],
+                   {"accuracy": summary["accuracy"], "ci95": summary["ci95"]},
+                   step)
+    _LOG.info("Step %d: validation accuracy %.4f +- %.4f%s.", step,
+              summary["accuracy"], summary["ci95"],
+              " (best so far)" if improved else "")
+
+  @property
+  def episodes_per_second(self):
+    """Training throughput after the first log window, or None."""
+    if not self._steady_steps:
+      return None
+    return self._steady_steps * self._batch_size / self._steady_time
+
+  def close(self):
+    self._bar.close()
+    for writer in self._writers.values():
+      writer.close()
+
+
+def _due(step, every, last):
+  return step % every == 0 or step == last
+
+
+def train(config, model_dir, strategy=None, progress=True):
+  """Meta-trains COMLN, or resumes the run saved in model_dir.
+
+  Writes into model_dir: config.json, checkpoints (latest; best validation
+  accuracy under best/) and TensorBoard summaries (train/: loss, accuracy,
+  t_final, num_evals, episodes_per_second; validation/: accuracy, ci95).
+  Training stops after config["steps"] meta-training steps in total.
+
+  Args:
+    config: a configuration (see `make_config`).
+    model_dir: str, the run's directory.
+    strategy: a tf.distribute.Strategy (default: the current one), e.g.
+      from `make_strategy`.
+    progress: show a progress bar (on the chief).
+
+  Returns:
+    dict: "step", the last log window's "loss", "accuracy", "num_evals",
+    "t_final" and "episodes_per_second" (if any step ran), "best_accuracy"
+    (-1 if never validated) and "train_episodes_per_second" (after the
+    first log window, which includes tracing; None without a second one).
+
+  Raises:
+    ConfigError: bad configuration (before any training).
+  """
+  strategy = strategy or tf.distribute.get_strategy()
+  config, splits = prepare_run(config, model_dir, strategy)
+  state = _make_state(config, strategy)
+  saver = _Saver(state.checkpoint, model_dir, strategy,
+                 config["keep_checkpoints"])
+  start = _restore(state, model_dir)
+  steps, batch_size = config["steps"], config["meta_batch_size"]
+  if start >= steps:
+    _LOG.info("Nothing to do: the run is at step %d, --steps=%d.", start,
+              steps)
+    return {"step": start, "best_accuracy": float(state.best_accuracy.numpy()),
+            "train_episodes_per_second": None}
+  iterator = iter(strategy.distribute_datasets_from_function(
+      lambda context: data.distributed_meta_batches(
+          context, splits.train, ways=config["ways"], shots=config["shots"],
+          queries=config["queries"], global_batch_size=batch_size,
+          seed=config["seed"], start_batch=start)))
+  totals = {name: tf.Variable(0.0, trainable=False)
+            for name in _METRICS + ("steps",)}
+  train_step = make_train_step(state.model, state.optimizer, state.step,
+                               strategy, totals)
+  if config["validate_every"]:
+    validation = data.eval_episodes(
+        splits.validation, ways=config["ways"], shots=config["shots"],
+        queries=config["queries"], seed=evaluation.VALIDATION_SEED,
+        num_episodes=config["validation_episodes"])
+    accuracy_fn = evaluation.accuracy_function(state.model)
+
+  monitor = _Monitor(model_dir, config, start, _distribute.is_chief(strategy),
+                     progress)
+  try:
+    for step in range(start + 1, steps + 1):
+      monitor.run_step(train_step, iterator)
+      if _due(step, config["log_every"], steps):
+        monitor.log_window(step, totals,
+                           float(state.model.classifier.t_final))
+      if config["validate_every"] and _due(step, config["validate_every"],
+                                           steps):
+        summary = evaluation.summarize(evaluation.episode_accuracies(
+            accuracy_fn, validation, batch_size))
+        improved = (np.float32(summary["accuracy"]) >
+                    state.best_accuracy.numpy())
+        monitor.log_validation(step, summary, improved)
+        if improved:
+          state.best_accuracy.assign(summary["accuracy"])
+          saver.save_best(step)
+      if _due(step, config["checkpoint_every"], steps):
+        saver.save_latest(step)
+  finally:
+    monitor.close()
+
+  result = {**monitor.logs, "step": steps,
+            "best_accuracy": float(state.best_accuracy.numpy()),
+            "train_episodes_per_second": monitor.episodes_per_second}
+  _LOG.info("Done: step %d, %s; throughput after the first log window "
+            "(which traces): %s episodes/s with %d replica(s).", steps,
+            ", ".join(f"{key} {value:.4g}"
+                      for key, value in monitor.logs.items()),
+            "n/a" if result["train_episodes_per_second"] is None else
+            f"{result['train_episodes_per_second']:.2f}",
+            strategy.num_replicas_in_sync)
+  return result

@@ -1,0 +1,168 @@
+"""Building a COMLN model and its optimizer from a configuration; restoring."""
+
+import os
+
+import keras
+import tensorflow as tf
+
+from comln_tf import backbones
+from comln_tf.layers import GradientFlowClassifier
+from comln_tf.model import COMLN
+from comln_tf.training._config import load_config
+
+BEST_DIR = "best"
+
+
+def build_model(config):
+  """A built COMLN model, with fresh weights, ready to train or restore.
+
+  The weights are drawn from Keras' global random state: call
+  `keras.utils.set_random_seed` first for reproducible ones.
+
+  Args:
+    config: a configuration with `example_shape` (the shape of one image,
+      [H, W, C], or of one feature vector, [d]), as saved by training.
+
+  Returns:
+    A built `COMLN`.
+  """
+  classifier = GradientFlowClassifier(
+      # Tied initial rows do not depend on the number of ways, so the model
+      # can adapt to tasks with any number of ways.
+      num_ways=None if config["tie_init_rows"] else config["ways"],
+      initial_t=config["initial_t"],
+      method=config["method"],
+      solver=config["solver"],
+      rtol=config["rtol"],
+      atol=config["atol"],
+      max_steps=config["max_solver_steps"],
+      num_steps=config["solver_steps"],
+      label_smoothing=config["label_smoothing"],
+      tie_init_rows=config["tie_init_rows"])
+  model = COMLN(backbones.get_backbone(config["backbone"]), classifier,
+                weight_decay=config["weight_decay"])
+  model.build({"support_images": (None, None) + tuple(config["example_shape"])})
+  return model
+
+
+def build_optimizer(config, model):
+  """The configured Keras optimizer, built for the model's trainable weights.
+
+  It is built here, not at the first step, so that a checkpoint restores
+  its slots (e.g. momentum) before training resumes.
+
+  Args:
+    config: a configuration.
+    model: the built COMLN.
+
+  Returns:
+    keras.optimizers.SGD (momentum, Nesterov per config) or Adam.
+  """
+  if config["optimizer"] == "sgd":
+    optimizer = keras.optimizers.SGD(config["learning_rate"],
+                                     momentum=config["momentum"],
+                                     nesterov=config["nesterov"])
+  else:
+    optimizer = keras.optimizers.Adam(config["learning_rate"])
+  optimizer.build(model.trainable_variables)
+  return optimizer
+
+
+def make_checkpoint(model, **objects):
+  """The tf.train.Checkpoint that training writes and restoring reads.
+
+  Holds `model`, the flat list of the model's variables, and `objects`
+  (training adds optimizer, step and best_accuracy). Keras 3 does not make
+  layers kept in a list (such as the backbones' blocks) checkpoint
+  dependencies of their owner, so `model` alone would miss their weights;
+  the list, in the model's deterministic variable order, holds them all.
+
+  Args:
+    model: a built COMLN.
+    **objects: other trackable objects to save with it.
+
+  Returns:
+    tf.train.Checkpoint.
+  """
+  return tf.train.Checkpoint(model=model, model_variables=list(model.variables),
+                             **objects)
+
+
+def checkpoint_path(model_dir, which="latest"):
+  """The path of a run's latest or best checkpoint.
+
+  Args:
+    model_dir: str, a run's directory.
+    which: "latest" (model_dir's CheckpointManager) or "best" (the best
+      validation accuracy, in model_dir/best).
+
+  Returns:
+    str, a checkpoint prefix for `tf.train.Checkpoint.restore`.
+
+  Raises:
+    ValueError: `which` is neither "latest" nor "best".
+    FileNotFoundError: there is no such checkpoint.
+  """
+  if which not in ("latest", "best"):
+    raise ValueError(f"which must be 'latest' or 'best', got {which!r}.")
+  directory = model_dir if which == "latest" else os.path.join(model_dir,
+                                                               BEST_DIR)
+  path = tf.train.latest_checkpoint(directory)
+  if path is None:
+    raise FileNotFoundError(
+        f"No {which} checkpoint in model_dir {model_dir!r}"
+        + ("" if which == "latest" else
+           " (the best checkpoint is written at validation, every "
+           "--validate_every steps)") + ".")
+  return path
+
+
+def checkpoint_step(path):
+  """The training step at which checkpoint `path` was written (int)."""
+  return int(tf.train.load_checkpoint(path).get_tensor(
+      "step/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+def model_from_checkpoint(config, path):
+  """A model of `config` with the weights of checkpoint `path`.
+
+  Args:
+    config: the run's configuration.
+    path: str, a checkpoint prefix written by training.
+
+  Returns:
+    The built, restored COMLN.
+
+  Raises:
+    ValueError: the checkpoint was not written by `make_checkpoint`.
+  """
+  saved = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+  if not any(name.startswith("model_variables/") for name in saved):
+    raise ValueError(
+        f"Checkpoint {path} has no model_variables: it was not written with "
+        f"comln_tf.training.make_checkpoint, and tf.train.Checkpoint("
+        f"model=model) alone does not save the backbone's weights (Keras 3 "
+        f"does not track layers kept in lists).")
+  model = build_model(config)
+  # Only the model: the optimizer and step in the checkpoint are not needed.
+  status = make_checkpoint(model).restore(path)
+  status.expect_partial().assert_existing_objects_matched()
+  return model
+
+
+def restore_model(model_dir, which="latest"):
+  """Rebuilds a trained model from its model_dir.
+
+  Args:
+    model_dir: str, a run's directory (config.json and checkpoints).
+    which: "latest" or "best" (see `checkpoint_path`).
+
+  Returns:
+    (COMLN with the checkpoint's weights, the run's configuration dict).
+
+  Raises:
+    FileNotFoundError: no config.json or no such checkpoint in model_dir.
+  """
+  config = load_config(model_dir)
+  path = checkpoint_path(model_dir, which)
+  return model_from_checkpoint(config, path), config

@@ -1,0 +1,11 @@
+"""Export of trained COMLN models for TensorFlow Serving.
+
+Modules:
+  saved_model: the SavedModel (signatures adapt_and_predict / serving_default,
+    adapt, predict, embed; in-graph validation), version folders.
+  export_model: command line, from a training model_dir to
+    <export_base>/<version>/.
+  warmup: representative PredictRequests (TF Serving's warmup file).
+  session: an export loaded with the TF1 session loader, as TF Serving does.
+  benchmark: serving latency, size on disk and load time of an export.
+"""

@@ -1,0 +1,372 @@
+"""A trained COMLN model as a SavedModel that TensorFlow Serving runs.
+
+The SavedModel carries the backbone, W0, T and the ODE solve: a client sends
+one task (a support set and its labels, and queries) and gets the queries'
+predictions, with no Python code of this project on the serving side.
+Loading it needs TensorFlow only.
+
+Signatures (one task per request; M support, Q query, n images, any sizes
+>= 1; images float32 [_, H, W, C] with pixels as in training, in [0, 1]):
+  serving_default, also named adapt_and_predict:
+    support_images [M, H, W, C], support_labels int64 [M],
+    query_images [Q, H, W, C] -> logits float32 [Q, N],
+    probabilities float32 [Q, N], classes int64 [Q].
+  adapt: support_images, support_labels -> weights float32 [N, d], the
+    adapted classifier W(T).
+  predict: query_images, weights -> logits, probabilities, classes.
+  embed: images [n, H, W, C] -> embeddings float32 [n, d].
+
+N is the number of ways as trained; a model with tied rows of W0
+(`tie_init_rows`) takes any N >= 2, N = max(support_labels) + 1. Every
+class 0..N-1 must appear in the support set.
+
+Batch norm of the backbone uses the statistics of the images embedded
+together (per task, as in training). `adapt_and_predict` embeds support and
+query images together, exactly as the Keras model; `adapt`, `predict` and
+`embed` embed the images they are given, as one set. So `predict`'s outputs
+depend on the batch of queries sent with each request, and adapt + predict
+is close to, but not equal to, adapt_and_predict.
+
+Bad inputs fail with InvalidArgument errors that name the input: wrong
+image size or channels, empty support or query set, labels out of range,
+a class missing from the support set, non-finite pixels or weights. The
+signatures leave H, W and C unknown so that a wrong size is always reported
+by these checks, in the same words for every client; with static sizes,
+each loader would enforce them (or not) in its own way (the Python session
+raises a ValueError before the graph runs). Only the rank is fixed by the
+signature.
+
+Layout written by `export`: `<export_dir>/saved_model.pb`, `variables/`,
+`assets.extra/tf_serving_warmup_requests` (PredictionLog records, replayed by
+TF Serving at load) and `assets.extra/comln_export.json` (what a client
+needs to know: ways, image shape, embedding size, T).
+"""
+
+import json
+import os
+from typing import Optional, Sequence
+
+import keras
+import tensorflow as tf
+
+from comln_tf.model import COMLN
+from export import warmup
+
+ADAPT_AND_PREDICT = "adapt_and_predict"
+ADAPT = "adapt"
+PREDICT = "predict"
+EMBED = "embed"
+SERVING_DEFAULT = tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY
+SIGNATURES = (SERVING_DEFAULT, ADAPT_AND_PREDICT, ADAPT, PREDICT, EMBED)
+
+METADATA_FILE = "comln_export.json"
+
+
+def _assert(condition, message, *data):
+  """tf.debugging.Assert with a readable message and all of `data` shown."""
+  return tf.debugging.Assert(condition, [message, *data], summarize=16)
+
+
+def _in_order(checks, *tensors):
+  """Runs the checks one after the other, then returns `tensors`.
+
+  Each check is a callable building an assert op; it is built under the
+  control of the previous one, so the first failing check is the one
+  reported, and a later check may compute things only valid once the
+  earlier ones passed (a bincount needs non-negative labels).
+
+  Args:
+    checks: sequence of callables returning an op.
+    *tensors: tensors to pass through.
+
+  Returns:
+    tuple of identities of `tensors`, computed after every check.
+  """
+  previous = []
+  for check in checks:
+    with tf.control_dependencies(previous):
+      previous = [check()]
+  with tf.control_dependencies(previous):
+    return tuple(tf.identity(t) for t in tensors)
+
+
+class _Endpoints:
+  """The graph functions of an export, around one COMLN model.
+
+  Args:
+    model: a built COMLN model.
+    example_shape: shape of one example, (H, W, C) for images (or (d,) for
+      the identity backbone on precomputed features).
+  """
+
+  def __init__(self, model: COMLN, example_shape: Sequence[int]):
+    self.model = model
+    self.example_shape = tuple(int(s) for s in example_shape)
+    self.num_ways = model.classifier.num_ways
+    self.tied = model.classifier.tie_init_rows
+    self.embedding_size = model.backbone.compute_output_shape(
+        (1, 1) + self.example_shape)[-1]
+    if not self.tied and self.num_ways is None:
+      raise ValueError("A model without tied rows needs num_ways.")
+
+  def _examples_spec(self, name):
+    # Rank fixed, every size left open: see the module docstring.
+    return tf.TensorSpec([None] * (1 + len(self.example_shape)), tf.float32,
+                         name=name)
+
+  def _checked_examples(self, name, examples, count="n"):
+    """Asserts [count, *example_shape] with count >= 1 and finite values.
+
+    Returns:
+      float32 [count, *example_shape] with a static example shape.
+    """
+    shape = tf.shape(examples)
+    wanted = ", ".join([count] + [str(s) for s in self.example_shape])
+    checks = [
+        lambda: _assert(
+            tf.reduce_all(tf.equal(shape[1:], self.example_shape)),
+            f"{name} must have shape [{wanted}]; got shape", shape),
+        lambda: _assert(shape[0] > 0,
+                        f"{name} is empty: send at least one example"),
+        lambda: _assert(tf.reduce_all(tf.math.is_finite(examples)),
+                        f"{name} must be finite (no NaN or Inf values)"),
+    ]
+    examples, = _in_order(checks, examples)
+    return tf.ensure_shape(examples, (None,) + self.example_shape)
+
+  def _checked_labels(self, support_labels, num_support):
+    """Asserts labels [M] covering 0..N-1; returns (int32 labels, N).
+
+    N is the number of ways as trained, or max(label) + 1 with tied rows.
+    """
+    shape = tf.shape(support_labels)
+    checks = [lambda: _assert(
+        tf.equal(shape[0], num_support),
+        "support_labels must have shape [M], M = the number of "
+        "support_images; got shapes", shape, "and M =", num_support)]
+    low, high = tf.reduce_min(support_labels), tf.reduce_max(support_labels)
+    if self.tied:
+      # Compared in int64 before the cast: a huge label must not wrap around.
+      num_support_64 = tf.cast(num_support, tf.int64)
+      checks += [
+          lambda: _assert(low >= 0, "support_labels must be >= 0; got "
+                          "min(support_labels) =", low),
+          lambda: _assert(high >= 1, "support_labels must hold at least "
+                          "2 classes 0..N-1; got N =", high + 1),
+          # Before the bincount below: a huge label must not allocate.
+          lambda: _assert(
+              high < num_support_64, "every class 0..N-1 must appear in "
+              "support_labels, so N = max(support_labels) + 1 <= M; got "
+              "max(support_labels) =", high, "and M =", num_support),
+      ]
+    else:
+      checks.append(lambda: _assert(
+          (low >= 0) & (high < self.num_ways),
+          f"support_labels must be in [0, {self.num_ways}); got values in",
+          low, high))
+
+    def ways(labels):
+      # With tied rows, built from checked values only: nothing sized by N
+      # may run before the checks above have passed.
+      if self.tied:
+        return tf.cast(tf.reduce_max(labels), tf.int32) + 1
+      return self.num_ways
+
+    def every_class_present():
+      num_ways = ways(support_labels)
+      counts = tf.math.bincount(tf.cast(support_labels, tf.int32),
+                                minlength=num_ways, maxlength=num_ways)
+      return _assert(
+          tf.reduce_all(counts > 0),
+          "every class 0..N-1 must appear in support_labels; N =", num_ways,
+          "missing classes:", tf.where(tf.equal(counts, 0))[:, 0])
+
+    checks.append(every_class_present)
+    support_labels, = _in_order(checks, support_labels)
+    return tf.cast(support_labels, tf.int32), ways(support_labels)
+
+  def _checked_weights(self, weights):
+    """Asserts weights [N, d] as adapt returns them (finite, N as trained)."""
+    shape = tf.shape(weights)
+    d = self.embedding_size
+    if self.tied:
+      rows_ok, rows = shape[0] >= 2, "N >= 2"
+    else:
+      rows_ok, rows = tf.equal(shape[0], self.num_ways), f"N = {self.num_ways}"
+    checks = [
+        lambda: _assert(rows_ok & tf.equal(shape[1], d),
+                        f"weights must have shape [N, {d}] with {rows} (the "
+                        "output of adapt); got shape", shape),
+        lambda: _assert(tf.reduce_all(tf.math.is_finite(weights)),
+                        "weights must be finite (no NaN or Inf values)"),
+    ]
+    weights, = _in_order(checks, weights)
+    return tf.ensure_shape(weights, (None, d))
+
+  def _embeddings(self, examples):
+    """[n, *example_shape] -> [n, d], the n examples normalised as one task."""
+    return self.model.backbone(examples[None], training=False)[0]
+
+  def _weights(self, support_embeddings, support_labels, num_ways):
+    """Plain solve of the gradient flow (no sensitivities): [N, d]."""
+    return self.model.classifier.adapt(
+        support_embeddings[None], support_labels[None], training=False,
+        num_ways=num_ways if self.tied else None)[0]
+
+  @staticmethod
+  def _outputs(query_embeddings, weights):
+    logits = tf.matmul(query_embeddings, weights, transpose_b=True)
+    return {"logits": logits,
+            "probabilities": tf.nn.softmax(logits),
+            "classes": tf.argmax(logits, axis=-1, output_type=tf.int64)}
+
+  def adapt_and_predict(self, support_images, support_labels, query_images):
+    """One task -> logits, probabilities, classes of its queries."""
+    support_images = self._checked_examples("support_images", support_images,
+                                            "M")
+    query_images = self._checked_examples("query_images", query_images, "Q")
+    num_support = tf.shape(support_images)[0]
+    support_labels, num_ways = self._checked_labels(support_labels,
+                                                    num_support)
+    # Support and queries embedded together, as the Keras model does.
+    embeddings = self._embeddings(
+        tf.concat([support_images, query_images], axis=0))
+    weights = self._weights(embeddings[:num_support], support_labels,
+                            num_ways)
+    return self._outputs(embeddings[num_support:], weights)
+
+  def adapt(self, support_images, support_labels):
+    """A support set -> the adapted weights [N, d]."""
+    support_images = self._checked_examples("support_images", support_images,
+                                            "M")
+    support_labels, num_ways = self._checked_labels(
+        support_labels, tf.shape(support_images)[0])
+    return {"weights": self._weights(self._embeddings(support_images),
+                                     support_labels, num_ways)}
+
+  def predict(self, query_images, weights):
+    """Queries and adapted weights -> logits, probabilities, classes."""
+    query_images = self._checked_examples("query_images", query_images, "Q")
+    weights = self._checked_weights(weights)
+    return self._outputs(self._embeddings(query_images), weights)
+
+  def embed(self, images):
+    """Images -> embeddings [n, d], the images normalised as one set."""
+    return {"embeddings": self._embeddings(
+        self._checked_examples("images", images))}
+
+  def input_signatures(self):
+    """Per endpoint name, the list of TensorSpecs of its arguments."""
+    labels = tf.TensorSpec([None], tf.int64, name="support_labels")
+    support = self._examples_spec("support_images")
+    query = self._examples_spec("query_images")
+    return {
+        ADAPT_AND_PREDICT: [support, labels, query],
+        ADAPT: [support, labels],
+        PREDICT: [query, tf.TensorSpec([None, None], tf.float32,
+                                       name="weights")],
+        EMBED: [self._examples_spec("images")],
+    }
+
+
+def export(model: COMLN,
+           export_dir: str,
+           example_shape: Sequence[int],
+           *,
+           ways: Optional[int] = None,
+           model_name: str = "comln",
+           metadata: Optional[dict] = None) -> str:
+  """Writes `model` as a SavedModel for TF Serving to `export_dir`.
+
+  Args:
+    model: a trained COMLN model (built).
+    export_dir: the version folder to create (e.g. `<base>/3`); must not
+      exist.
+    example_shape: (H, W, C) of the images the model was trained on (or (d,)
+      for precomputed features).
+    ways: for a tied-rows model, the number of ways of its warmup requests
+      (default 5; a model with one row per class uses its own).
+    model_name: the model name in the warmup requests (the one TF Serving
+      serves it under).
+    metadata: extra JSON-able entries for `assets.extra/comln_export.json`
+      (e.g. the checkpoint it comes from).
+
+  Returns:
+    export_dir.
+  """
+  if tf.io.gfile.exists(export_dir):
+    raise FileExistsError(f"{export_dir} already exists.")
+  endpoints = _Endpoints(model, example_shape)
+  # No archive.track(model): the endpoints' variables are saved anyway, and
+  # tracking would make TF trace the Keras model's own default signature.
+  archive = keras.export.ExportArchive()
+  functions = {}
+  # The first endpoint is also written as serving_default.
+  for name, signature in endpoints.input_signatures().items():
+    functions[name] = archive.add_endpoint(name, getattr(endpoints, name),
+                                           input_signature=signature)
+  archive.write_out(export_dir, verbose=False)
+
+  def adapt(support_images, support_labels):
+    return functions[ADAPT](support_images, support_labels)["weights"].numpy()
+
+  warmup.write(export_dir, warmup.requests(
+      adapt, endpoints.example_shape, endpoints.num_ways or ways or 5,
+      endpoints.tied, model_name))
+  info = {
+      "signatures": list(SIGNATURES),
+      "example_shape": list(endpoints.example_shape),
+      "num_ways": endpoints.num_ways,
+      "tie_init_rows": endpoints.tied,
+      "embedding_size": endpoints.embedding_size,
+      "t_final": float(model.classifier.t_final.numpy()),
+      **(metadata or {}),
+  }
+  with tf.io.gfile.GFile(
+      os.path.join(export_dir, "assets.extra", METADATA_FILE), "w") as f:
+    json.dump(info, f, indent=2)
+  return export_dir
+
+
+def next_version(export_base: str) -> int:
+  """1 + the largest numeric version folder under export_base (1 if none)."""
+  if not tf.io.gfile.isdir(export_base):
+    return 1
+  versions = [int(name.rstrip("/")) for name in tf.io.gfile.listdir(export_base)
+              if name.rstrip("/").isdigit()]
+  return max(versions, default=0) + 1
+
+
+def export_version(model: COMLN,
+                   export_base: str,
+                   example_shape: Sequence[int],
+                   version: Optional[int] = None,
+                   **kwargs) -> str:
+  """Exports to `<export_base>/<version>/`, as TF Serving expects.
+
+  The SavedModel is written to a temporary folder whose name is not a
+  number (TF Serving ignores it) and renamed at the end, so a server
+  watching `export_base` never loads a half-written version.
+
+  Args:
+    model, example_shape, **kwargs: as `export`.
+    export_base: the model's base folder (the one TF Serving watches).
+    version: positive integer; default `next_version(export_base)`.
+
+  Returns:
+    The path of the version folder.
+  """
+  if version is None:
+    version = next_version(export_base)
+  if isinstance(version, bool) or int(version) != version or version < 1:
+    raise ValueError(f"version must be a positive integer, got {version!r}.")
+  final_dir = os.path.join(export_base, str(int(version)))
+  if tf.io.gfile.exists(final_dir):
+    raise FileExistsError(f"Version folder {final_dir} already exists.")
+  temp_dir = os.path.join(export_base, f".tmp-{int(version)}")
+  if tf.io.gfile.exists(temp_dir):
+    tf.io.gfile.rmtree(temp_dir)
+  tf.io.gfile.makedirs(export_base)
+  export(model, temp_dir, example_shape, **kwargs)
+  tf.io.gfile.rename(temp_dir, final_dir)
+  return final_dir

@@ -1,0 +1,70 @@
+"""Evaluates a trained COMLN run on 1,000 fixed test episodes.
+
+Prints the mean accuracy and its 95% confidence interval (1.96 * std /
+sqrt(n)) and writes them as JSON (default: into --model_dir). The episodes
+depend only on --seed (fixed by default), so every run and machine is
+evaluated on the same ones.
+
+Example:
+  python -m launch.evaluate --model_dir=runs/omniglot_5w1s
+"""
+
+import logging
+import sys
+
+from absl import app
+from absl import flags
+
+from comln_tf import evaluation
+from comln_tf import training
+
+flags.DEFINE_string("model_dir", None, "Directory of the trained run.")
+flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
+                  "Which checkpoint: best validation accuracy, or latest.")
+flags.DEFINE_enum("split", "test", ["test", "validation"],
+                  "Classes of the episodes.")
+flags.DEFINE_integer("episodes", 1000, "Number of episodes.")
+flags.DEFINE_integer("seed", evaluation.TEST_SEED,
+                     "Seed of the episodes (the default is the standard "
+                     "test set).")
+flags.DEFINE_integer("ways", None, "Classes per episode (default: the run's).")
+flags.DEFINE_integer("shots", None,
+                     "Support examples per class (default: the run's).")
+flags.DEFINE_integer("queries", None,
+                     "Query examples per class (default: the run's).")
+flags.DEFINE_integer("batch_size", None,
+                     "Episodes per model call (default: the run's "
+                     "meta-batch size).")
+flags.DEFINE_string("data_dir", None,
+                    "Where the dataset is (default: the run's).")
+flags.DEFINE_string("output", None,
+                    "JSON file of the results (default: --model_dir/"
+                    "evaluation_<split>_<checkpoint>_<ways>w<shots>s.json).")
+flags.mark_flag_as_required("model_dir")
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments {argv[1:]}")
+  for name in ("absl", "tensorflow"):
+    logging.getLogger(name).setLevel("WARNING")
+  try:
+    results = training.evaluate_run(
+        FLAGS.model_dir, which=FLAGS.checkpoint, split=FLAGS.split,
+        num_episodes=FLAGS.episodes, seed=FLAGS.seed, ways=FLAGS.ways,
+        shots=FLAGS.shots, queries=FLAGS.queries,
+        batch_size=FLAGS.batch_size, data_dir=FLAGS.data_dir,
+        output=FLAGS.output)
+  except training.ConfigError as error:
+    sys.exit(f"error: {error}")
+  print(f"{results['split']} accuracy, {results['ways']}-way "
+        f"{results['shots']}-shot, {results['episodes']} episodes, step "
+        f"{results['step']}: {100 * results['accuracy']:.2f}% +- "
+        f"{100 * results['ci95']:.2f}% (95% CI); written to "
+        f"{results['output']}")
+
+
+if __name__ == "__main__":
+  app.run(main)

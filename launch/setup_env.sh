@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Creates .venv (Python 3.11) with the pinned requirements, once.
+# Sourced by main_job.sh and run_tests.sh; safe to run again.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+# pip skips what is already installed at the pinned versions.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check \
+  -r requirements.txt

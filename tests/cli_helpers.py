@@ -1,0 +1,170 @@
+"""Helpers of the launcher tests: bounded subprocesses and checkpoint reads.
+
+Every process these helpers start is bounded by a timeout, and the
+`processes` fixture of a test kills whatever is still running at its end.
+"""
+
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Tiny Omniglot runs: Conv-4, 5-way 1-shot, 4 episodes of 5 queries a class.
+TINY_ARGS = ("--ways=5", "--shots=1", "--queries=5", "--meta_batch_size=4",
+             "--validation_episodes=10", "--noprogress")
+
+
+def environment(**extra):
+  """The environment of a launcher: the test's, plus `extra` (str values)."""
+  env = dict(os.environ)
+  env.update(extra)
+  return env
+
+
+def command(module, args):
+  return [sys.executable, "-m", module] + [str(arg) for arg in args]
+
+
+def run(module, args, timeout, env=None):
+  """Runs `python -m module args` from the repository root to completion.
+
+  Returns:
+    subprocess.CompletedProcess with text stdout and stderr.
+
+  Raises:
+    subprocess.TimeoutExpired: after killing the process.
+  """
+  return subprocess.run(command(module, args), cwd=REPO, env=env or
+                        environment(), capture_output=True, text=True,
+                        timeout=timeout, check=False)
+
+
+class Processes:
+  """Starts launchers in the background and kills them at the end."""
+
+  def __init__(self, log_dir):
+    self._log_dir = pathlib.Path(log_dir)
+    self._started = []
+
+  def start(self, name, module, args, env=None):
+    """Starts `python -m module args`; output goes to log_dir/<name>.log."""
+    log = open(self._log_dir / f"{name}.log", "w")
+    process = subprocess.Popen(command(module, args), cwd=REPO,
+                               env=env or environment(), stdout=log,
+                               stderr=subprocess.STDOUT)
+    process.log_path = log.name
+    self._started.append((process, log))
+    return process
+
+  @staticmethod
+  def log(process):
+    return pathlib.Path(process.log_path).read_text()
+
+  def wait(self, process, timeout):
+    """Waits for `process` to exit; returns its exit code.
+
+    Raises:
+      AssertionError: it did not exit within `timeout` seconds (it is
+        killed), with the end of its log.
+    """
+    try:
+      return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      process.kill()
+      process.wait()
+      raise AssertionError(f"timed out after {timeout} s:\n"
+                           f"{self.log(process)[-3000:]}") from None
+
+  def kill_all(self):
+    for process, log in self._started:
+      if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+      log.close()
+
+
+def latest_step(model_dir):
+  """Step of the latest checkpoint named by model_dir's state file, or -1."""
+  state = pathlib.Path(model_dir) / "checkpoint"
+  if not state.exists():
+    return -1
+  match = re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', state.read_text(),
+                    re.MULTILINE)
+  return int(match.group(1)) if match else -1
+
+
+def wait_until(condition, timeout, processes=(), interval=0.05):
+  """Polls `condition()` until true.
+
+  Raises:
+    AssertionError: `timeout` seconds passed, or one of `processes` exited
+      before the condition held.
+  """
+  deadline = time.monotonic() + timeout
+  while not condition():
+    for process in processes:
+      if process.poll() is not None:
+        raise AssertionError(f"process exited with {process.returncode} "
+                             f"before the condition held")
+    if time.monotonic() > deadline:
+      raise AssertionError(f"condition not met within {timeout} s")
+    time.sleep(interval)
+
+
+def free_ports(count):
+  """`count` distinct free TCP ports on 127.0.0.1."""
+  sockets = []
+  try:
+    for _ in range(count):
+      s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+      s.bind(("127.0.0.1", 0))
+      sockets.append(s)
+    return [s.getsockname()[1] for s in sockets]
+  finally:
+    for s in sockets:
+      s.close()
+
+
+def checkpoint_values(path):
+  """{name: numpy value} of every variable of a checkpoint."""
+  reader = tf.train.load_checkpoint(str(path))
+  return {name: reader.get_tensor(name)
+          for name in reader.get_variable_to_shape_map()
+          if name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+
+
+def model_values(path):
+  """{name: value} of the model's variables (and the step) of a checkpoint.
+
+  Leaves out the optimizer, which holds its own references to the model's
+  variables, and the checkpoint's save counter.
+  """
+  return {name: value for name, value in checkpoint_values(path).items()
+          if name.startswith(("model/", "model_variables/", "step/"))}
+
+
+def relative_difference(actual, expected):
+  """||actual - expected|| / ||expected||, over all the values of two dicts."""
+  assert sorted(actual) == sorted(expected)
+  difference = sum(np.sum((np.asarray(actual[name], np.float64) -
+                           expected[name])**2) for name in expected)
+  norm = sum(np.sum(np.asarray(expected[name], np.float64)**2)
+             for name in expected)
+  return float(np.sqrt(difference / norm))
+
+
+def assert_same_values(actual, expected, rtol=0.0, atol=0.0):
+  """Both dicts have the same keys and (close) values."""
+  assert sorted(actual) == sorted(expected)
+  for name in expected:
+    np.testing.assert_allclose(actual[name], expected[name], rtol=rtol,
+                               atol=atol, err_msg=name)

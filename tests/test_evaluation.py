@@ -1,0 +1,132 @@
+"""Tests of comln_tf.evaluation, training.evaluate_run, launch/evaluate.py."""
+
+import json
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import cli_helpers
+from comln_tf import data
+from comln_tf import evaluation
+from comln_tf import training
+
+STEP = 7
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  """A model_dir with config.json and a latest checkpoint at step STEP.
+
+  The weights are the initial ones: these tests check the evaluation
+  protocol, not training.
+  """
+  model_dir = tmp_path_factory.mktemp("run")
+  config = training.make_config(ways=5, shots=1, queries=3, meta_batch_size=4,
+                                example_shape=[28, 28, 1])
+  training.save_config(str(model_dir), config)
+  keras.utils.set_random_seed(0)
+  checkpoint = training.make_checkpoint(
+      training.build_model(config), step=tf.Variable(STEP, dtype=tf.int64))
+  tf.train.CheckpointManager(checkpoint, str(model_dir), 1).save(STEP)
+  return model_dir
+
+
+@pytest.fixture(scope="module")
+def omniglot_test():
+  return data.load_splits("omniglot").test
+
+
+def _direct_accuracies(model, episodes):
+  """Per-episode accuracy, one eager call and numpy argmax per episode."""
+  accuracies = []
+  for episode in episodes.as_numpy_iterator():
+    logits = model({key: value[None] for key, value in episode.items()})
+    predictions = np.argmax(logits.numpy()[0], axis=-1)
+    accuracies.append(np.mean(predictions == episode["query_labels"]))
+  return np.array(accuracies)
+
+
+def test_summarize_matches_numpy():
+  accuracies = np.random.default_rng(0).uniform(size=1000)
+  summary = evaluation.summarize(accuracies)
+  assert summary["episodes"] == 1000
+  assert summary["accuracy"] == pytest.approx(accuracies.mean(), abs=1e-12)
+  expected = 1.96 * np.sqrt(np.mean((accuracies - accuracies.mean())**2)) / (
+      math.sqrt(1000))
+  assert summary["ci95"] == pytest.approx(expected, rel=1e-12)
+  assert evaluation.summarize([0.5])["ci95"] == 0.0
+
+
+def test_episode_accuracies_match_a_direct_computation(run_dir,
+                                                       omniglot_test):
+  model, _ = training.restore_model(str(run_dir))
+  episodes = data.eval_episodes(omniglot_test, ways=5, shots=1, queries=3,
+                                seed=evaluation.TEST_SEED, num_episodes=7)
+  # 7 episodes in batches of 3: the last batch is smaller.
+  accuracies = evaluation.episode_accuracies(
+      evaluation.accuracy_function(model), episodes, batch_size=3)
+  assert accuracies.dtype == np.float64 and accuracies.shape == (7,)
+  np.testing.assert_allclose(accuracies, _direct_accuracies(model, episodes),
+                             atol=1e-12)
+
+
+def test_evaluate_run_writes_its_results_as_json(run_dir, omniglot_test):
+  results = training.evaluate_run(str(run_dir), which="latest",
+                                   num_episodes=9, batch_size=4)
+  assert results["output"] == str(
+      run_dir / "evaluation_test_latest_5w1s.json")
+  assert json.loads((run_dir / "evaluation_test_latest_5w1s.json")
+                    .read_text()) == results
+  assert results["step"] == STEP and results["episodes"] == 9
+  assert (results["ways"], results["shots"], results["queries"]) == (5, 1, 3)
+  assert results["seed"] == evaluation.TEST_SEED
+  model, _ = training.restore_model(str(run_dir))
+  direct = evaluation.summarize(_direct_accuracies(model, data.eval_episodes(
+      omniglot_test, ways=5, shots=1, queries=3, seed=evaluation.TEST_SEED,
+      num_episodes=9)))
+  assert results["accuracy"] == pytest.approx(direct["accuracy"], abs=1e-12)
+  assert results["ci95"] == pytest.approx(direct["ci95"], abs=1e-12)
+
+
+def test_evaluate_run_errors_name_the_flag(run_dir, tmp_path):
+  for kwargs, flag in [({"which": "best"}, "--checkpoint=best"),
+                       ({"ways": 6}, "--ways=6"),
+                       ({"shots": 15, "queries": 10}, "--shots=15")]:
+    with pytest.raises(training.ConfigError, match=flag):
+      training.evaluate_run(str(run_dir), which=kwargs.pop("which", "latest"),
+                            num_episodes=2, **kwargs)
+  with pytest.raises(training.ConfigError, match="--model_dir"):
+    training.evaluate_run(str(tmp_path), which="latest")
+
+
+def test_checkpoints_without_the_variable_list_are_refused(run_dir, tmp_path):
+  # tf.train.Checkpoint(model=model) misses the backbone's weights.
+  config = training.load_config(str(run_dir))
+  training.save_config(str(tmp_path), config)
+  tf.train.Checkpoint(model=training.build_model(config)).save(
+      str(tmp_path / "ckpt"))
+  with pytest.raises(ValueError, match="make_checkpoint"):
+    training.restore_model(str(tmp_path))
+  with pytest.raises(training.ConfigError, match="--model_dir"):
+    training.evaluate_run(str(tmp_path), which="latest")
+
+
+def test_evaluate_cli_prints_and_writes_json(run_dir, tmp_path):
+  output = tmp_path / "results.json"
+  result = cli_helpers.run(
+      "launch.evaluate", [f"--model_dir={run_dir}", "--checkpoint=latest",
+                          "--episodes=6", f"--output={output}"], timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads(output.read_text())
+  assert results["episodes"] == 6 and results["split"] == "test"
+  assert (f"{100 * results['accuracy']:.2f}% +- {100 * results['ci95']:.2f}%"
+          in result.stdout)
+
+  missing = cli_helpers.run("launch.evaluate", [f"--model_dir={run_dir}"],
+                            timeout=120)
+  assert missing.returncode != 0
+  assert "--checkpoint=best" in missing.stderr
+  assert "Traceback" not in missing.stderr

@@ -1,0 +1,184 @@
+"""Tests of comln_tf.training and launch/train.py on tiny Omniglot runs."""
+
+import json
+import pathlib
+import re
+import signal
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.core.util import event_pb2
+
+import cli_helpers
+from comln_tf import data
+from comln_tf import evaluation
+from comln_tf import training
+
+STEPS = 16
+RUN_ARGS = cli_helpers.TINY_ARGS + (
+    f"--steps={STEPS}", "--log_every=4", "--checkpoint_every=2",
+    "--validate_every=8", "--seed=3")
+
+
+@pytest.fixture
+def processes(tmp_path):
+  started = cli_helpers.Processes(tmp_path)
+  yield started
+  started.kill_all()
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """model_dir of an uninterrupted tiny run of the training launcher.
+
+  Its log is model_dir/../train.log.
+  """
+  model_dir = tmp_path_factory.mktemp("reference") / "run"
+  result = cli_helpers.run("launch.train",
+                           (f"--model_dir={model_dir}",) + RUN_ARGS,
+                           timeout=240)
+  (model_dir.parent / "train.log").write_text(result.stderr)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return model_dir
+
+
+def _scalars(event_dir):
+  """{tag: [(step, value)]} of the summaries in an event directory."""
+  scalars = {}
+  for path in sorted(pathlib.Path(event_dir).glob("events.out.tfevents.*")):
+    for record in tf.data.TFRecordDataset(str(path)):
+      event = event_pb2.Event.FromString(record.numpy())
+      for value in event.summary.value:
+        assert value.metadata.plugin_data.plugin_name == "scalars"
+        scalars.setdefault(value.tag, []).append(
+            (event.step, float(tf.make_ndarray(value.tensor))))
+  return scalars
+
+
+def test_make_config_names_the_bad_flag():
+  assert training.make_config() == {**training.DEFAULTS}
+  for overrides, flag in [({"ways": 1}, "--ways"),
+                          ({"learning_rate": 0.0}, "--learning_rate"),
+                          ({"label_smoothing": 1.0}, "--label_smoothing"),
+                          ({"solver": "euler"}, "--solver_steps"),
+                          ({"method": "magic"}, "--method"),
+                          ({"devices": ["/cpu:0"]}, "--devices")]:
+    with pytest.raises(training.ConfigError, match=flag):
+      training.make_config(**overrides)
+  with pytest.raises(training.ConfigError, match="Unknown configuration"):
+    training.make_config(wayz=5)
+
+
+def test_check_resume_names_differing_flags_and_allows_resumable_ones():
+  saved = training.make_config(example_shape=[28, 28, 1])
+  training.check_resume(saved, {**saved, "steps": 10, "strategy": "mirrored"},
+                        "dir")
+  with pytest.raises(training.ConfigError) as error:
+    training.check_resume(saved, {**saved, "ways": 20, "seed": 1}, "dir")
+  assert "--ways=20" in str(error.value) and "--seed=1" in str(error.value)
+  assert "--steps" not in str(error.value)
+
+
+def test_smoke_training_loss_falls_and_beats_chance(reference_run):
+  config = training.load_config(reference_run)
+  assert config["example_shape"] == [28, 28, 1]
+  assert config["steps"] == STEPS and config["ways"] == 5
+  scalars = _scalars(reference_run / "train")
+  assert set(scalars) == {"loss", "accuracy", "t_final", "num_evals",
+                          "episodes_per_second"}
+  assert [step for step, _ in scalars["loss"]] == [4, 8, 12, 16]
+  losses = [value for _, value in scalars["loss"]]
+  assert losses[-1] < losses[0] - 0.3, losses
+  assert all(value > 0 for _, value in scalars["num_evals"])
+  # Off a terminal, progress is one log line per window, with an ETA.
+  log = (reference_run.parent / "train.log").read_text()
+  assert re.search(r"Step 4/16: loss [\d.]+, accuracy [\d.]+, .* ETA "
+                   r"\d+:\d\d:\d\d", log), log[-3000:]
+  assert [step for step, _ in _scalars(reference_run / "validation")[
+      "accuracy"]] == [8, 16]
+  assert training.checkpoint_step(training.checkpoint_path(reference_run)) == (
+      STEPS)
+
+  model, _ = training.restore_model(reference_run, which="best")
+  splits = data.load_splits("omniglot")
+  results = evaluation.evaluate(model, splits.test, ways=5, shots=1,
+                                queries=5, num_episodes=20, batch_size=10)
+  # Chance is 0.2; over 500 queries its standard deviation is 0.018.
+  assert results["accuracy"] > 0.3, results
+
+
+def test_restore_model_restores_every_weight(reference_run):
+  path = training.checkpoint_path(str(reference_run))
+  saved = cli_helpers.checkpoint_values(path)
+  model, _ = training.restore_model(str(reference_run))
+  # Conv-4: 4 x (kernel, gamma, beta), then W0 and tau.
+  assert len(model.variables) == 14
+  for i, variable in enumerate(model.variables):
+    np.testing.assert_array_equal(
+        variable.numpy(),
+        saved[f"model_variables/{i}/.ATTRIBUTES/VARIABLE_VALUE"])
+
+
+def test_restore_model_errors_name_the_model_dir(tmp_path, reference_run):
+  with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    training.restore_model(str(tmp_path))
+  training.save_config(str(tmp_path), training.load_config(reference_run))
+  with pytest.raises(FileNotFoundError, match="No best checkpoint"):
+    training.restore_model(str(tmp_path), which="best")
+
+
+def test_restart_after_sigkill_ends_like_an_uninterrupted_run(
+    tmp_path, reference_run, processes):
+  model_dir = tmp_path / "killed"
+  args = (f"--model_dir={model_dir}",) + RUN_ARGS
+  first = processes.start("first", "launch.train", args)
+  cli_helpers.wait_until(lambda: cli_helpers.latest_step(model_dir) >= 4,
+                         timeout=180, processes=[first])
+  first.send_signal(signal.SIGKILL)
+  assert processes.wait(first, 30) == -signal.SIGKILL
+  killed_at = cli_helpers.latest_step(model_dir)
+  assert 4 <= killed_at < STEPS
+
+  second = processes.start("second", "launch.train", args)
+  assert processes.wait(second, 240) == 0, processes.log(second)[-3000:]
+  assert f"Resumed from {model_dir}/ckpt-{killed_at}" in processes.log(second)
+  for which in ("latest", "best"):
+    path = training.checkpoint_path(str(model_dir), which)
+    expected = training.checkpoint_path(str(reference_run), which)
+    assert path.rsplit("/", 1)[1] == expected.rsplit("/", 1)[1]
+    # Every variable: model, optimizer slots and iterations, step, best.
+    actual, reference = map(cli_helpers.checkpoint_values, (path, expected))
+    actual.pop("save_counter/.ATTRIBUTES/VARIABLE_VALUE")
+    reference.pop("save_counter/.ATTRIBUTES/VARIABLE_VALUE")
+    cli_helpers.assert_same_values(actual, reference)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset=mnist"], "--dataset=mnist"),
+    (["--data_dir=/nonexistent/omniglot"], "--data_dir=/nonexistent/omniglot"),
+    (["--ways=1000"], "--ways=1000"),
+    (["--shots=10", "--queries=15"], "--queries=15"),
+    (["--solver=rk4"], "--solver_steps"),
+])
+def test_cli_rejects_bad_flags_before_training(tmp_path, args, message):
+  model_dir = tmp_path / "run"
+  result = cli_helpers.run("launch.train",
+                           [f"--model_dir={model_dir}", "--noprogress"] + args,
+                           timeout=120)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not (model_dir / "config.json").exists()
+
+
+def test_cli_refuses_to_resume_with_other_flags(reference_run):
+  before = (reference_run / "config.json").read_text()
+  args = [f"--model_dir={reference_run}"] + [
+      arg for arg in RUN_ARGS if not arg.startswith("--ways")] + ["--ways=4"]
+  result = cli_helpers.run("launch.train", args, timeout=120)
+  assert result.returncode != 0
+  assert "--ways=4 (saved run: 5)" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert (reference_run / "config.json").read_text() == before
+  assert json.loads(before)["ways"] == 5
