@@ -39,6 +39,10 @@ _QUERIES = flags.DEFINE_integer("queries", 15, "Queries per class.")
 _SIZE = flags.DEFINE_integer("embedding_size", 640, "Embedding size d.")
 _CASE = flags.DEFINE_string("case", None,
                             "Internal: run one case (JSON) and print JSON.")
+_MAX_STEPS = flags.DEFINE_integer(
+    "max_steps", 1000,
+    "Solver step bound. Under XLA, backprop preallocates its tape for this "
+    "many steps, so its memory grows with it.")
 _OUTPUT = flags.DEFINE_string("output", None,
                               "Also write the results as JSON here.")
 
@@ -92,7 +96,8 @@ def run_case(case):
       tape.watch([init_weights, support, queries, t_final])
       weights, stats = comln_tf.adapt(
           init_weights, support, data["support_labels"], t_final,
-          method=case["method"], rtol=1e-5, atol=1e-5, return_stats=True)
+          method=case["method"], rtol=1e-5, atol=1e-5,
+          max_steps=case["max_steps"], return_stats=True)
       logits = tf.matmul(queries, weights, transpose_b=True)
       loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
           data["query_labels"], logits))
@@ -160,7 +165,7 @@ def main(argv):
         case = dict(method=method, shots=int(shots), t_final=float(t_final),
                     tasks=_TASKS.value, ways=_WAYS.value,
                     queries=_QUERIES.value, embedding_size=_SIZE.value,
-                    repeats=_REPEATS.value)
+                    repeats=_REPEATS.value, max_steps=_MAX_STEPS.value)
         results.append(_run_in_subprocess(case))
         print(format_table(results[-1:]).splitlines()[-1], flush=True)
   print()
