@@ -29,13 +29,6 @@ EQUIVALENCE_ARGS = cli_helpers.TINY_ARGS + (
 TOLERANCE = 2e-3
 
 
-@pytest.fixture
-def processes(tmp_path):
-  started = cli_helpers.Processes(tmp_path)
-  yield started
-  started.kill_all()
-
-
 @pytest.fixture(scope="module")
 def single_device_run(tmp_path_factory):
   model_dir = tmp_path_factory.mktemp("single")

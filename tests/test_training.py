@@ -21,13 +21,6 @@ RUN_ARGS = cli_helpers.TINY_ARGS + (
     "--validate_every=8", "--seed=3")
 
 
-@pytest.fixture
-def processes(tmp_path):
-  started = cli_helpers.Processes(tmp_path)
-  yield started
-  started.kill_all()
-
-
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
   """model_dir of an uninterrupted tiny run of the training launcher.
