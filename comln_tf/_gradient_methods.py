@@ -92,6 +92,19 @@ class GradientMethod:
     raise NotImplementedError
 
 
+def _unwatched(*tensors):
+  """The tensors, cut from any tape, for the body of a tf.custom_gradient.
+
+  In eager mode a `tf.custom_gradient` function runs with the caller's
+  tapes still recording, so every op of the solve (thousands of loop
+  iterations) and its inputs would be kept alive until the tape is done:
+  memory growing with T, the very thing the method avoids. Ops on tensors
+  no tape watches are not recorded; the custom gradient links the outputs
+  to the original inputs.
+  """
+  return [tf.stop_gradient(t) for t in tensors]
+
+
 def _zero_state(support_embeddings, labels):
   return tf.zeros(tf.shape(labels), support_embeddings.dtype)
 
@@ -135,6 +148,8 @@ class Forward(GradientMethod):
 
     @tf.custom_gradient
     def adapt_with_sensitivities(init_weights, support_embeddings, t_final):
+      init_weights, support_embeddings, t_final = _unwatched(
+          init_weights, support_embeddings, t_final)
       logits0, gram = _logits_and_gram(init_weights, support_embeddings)
       s0 = _zero_state(support_embeddings, labels)
       batch, num_examples, num_classes = tf.unstack(tf.shape(s0))
@@ -184,6 +199,8 @@ class Adjoint(GradientMethod):
 
     @tf.custom_gradient
     def adapt_with_adjoint(init_weights, support_embeddings, t_final):
+      init_weights, support_embeddings, t_final = _unwatched(
+          init_weights, support_embeddings, t_final)
       logits0, gram = _logits_and_gram(init_weights, support_embeddings)
       s_final, stats = solver.integrate(
           lambda s: _reduced.reduced_vector_field(s, logits0, gram, labels),

@@ -63,6 +63,10 @@ flags.DEFINE_integer("solver_steps", _D["solver_steps"],
                      "Steps of the fixed-step solvers (rk4, euler).")
 flags.DEFINE_integer("max_solver_steps", _D["max_solver_steps"],
                      "Most steps of a solve before it fails.")
+flags.DEFINE_bool("jit_compile", _D["jit_compile"],
+                  "XLA-compile the adaptation (the ODE solve and its "
+                  "meta-gradient): faster steps, a compile at the start. "
+                  "Exports are not affected.")
 # Optimization.
 flags.DEFINE_enum("optimizer", _D["optimizer"], training.OPTIMIZERS,
                   "Meta-optimizer.")

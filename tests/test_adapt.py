@@ -369,6 +369,53 @@ def test_bad_dtype_and_rank(problem):
                    problem["labels"], [1., 2.])
 
 
+def test_layer_refuses_jit_compile_with_backprop():
+  with pytest.raises(ValueError, match='jit_compile=True needs method="forward"'):
+    comln_tf.layers.GradientFlowClassifier(3, method="backprop",
+                                           jit_compile=True)
+
+
+# Peak memory of eager meta-gradients at time T, in a fresh process (the CPU
+# allocator only keeps statistics in BFC mode, chosen before TF starts).
+_EAGER_PEAK_SCRIPT = """
+import sys
+import numpy as np
+import tensorflow as tf
+import comln_tf
+rng = np.random.default_rng(0)
+support = tf.constant(np.abs(rng.normal(size=(1, 10, 16))) + 0.5)
+queries = tf.constant(rng.normal(size=(1, 20, 16)))
+t_final = tf.constant(float(sys.argv[2]), tf.float64)
+with tf.GradientTape() as tape:
+  tape.watch([support, queries, t_final])
+  weights = comln_tf.adapt(tf.zeros([10, 16], tf.float64), support,
+                           np.arange(10)[None], t_final, method=sys.argv[1])
+  loss = tf.reduce_sum(tf.matmul(queries, weights, transpose_b=True) ** 2)
+tape.gradient(loss, [support, queries, t_final])
+print(tf.config.experimental.get_memory_info("CPU:0")["peak"])
+"""
+
+
+def _eager_peak_bytes(method, t_final):
+  import os
+  import subprocess
+  import sys
+  result = subprocess.run(
+      [sys.executable, "-c", _EAGER_PEAK_SCRIPT, method, str(t_final)],
+      capture_output=True, text=True, timeout=300, check=True,
+      env=dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true"))
+  return int(result.stdout.split()[-1])
+
+
+@pytest.mark.parametrize("method", ["forward", "adjoint"])
+def test_eager_memory_does_not_grow_with_time(method):
+  # In eager mode a tape records whatever runs inside tf.custom_gradient
+  # unless the engine cuts it; then every solver step would be kept.
+  short, long = (_eager_peak_bytes(method, t) for t in (1.0, 300.0))
+  # A few KiB of slack: small allocations vary from run to run.
+  assert long <= 1.05 * short + 2**16, (short, long)
+
+
 def test_layer_jit_compile_gives_the_same_gradients():
   problem = make_problem(seed=9)
   results = []

@@ -56,7 +56,9 @@ def test_make_config_names_the_bad_flag():
                           ({"label_smoothing": 1.0}, "--label_smoothing"),
                           ({"solver": "euler"}, "--solver_steps"),
                           ({"method": "magic"}, "--method"),
-                          ({"devices": ["/cpu:0"]}, "--devices")]:
+                          ({"devices": ["/cpu:0"]}, "--devices"),
+                          ({"jit_compile": True, "method": "backprop"},
+                           "--jit_compile")]:
     with pytest.raises(training.ConfigError, match=flag):
       training.make_config(**overrides)
   with pytest.raises(training.ConfigError, match="Unknown configuration"):

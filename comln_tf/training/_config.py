@@ -45,6 +45,9 @@ DEFAULTS = {
     "atol": 1e-5,
     "solver_steps": None,
     "max_solver_steps": 10_000,
+    # XLA-compile the adaptation (training and validation only; exports
+    # stay XLA-free so that any TensorFlow Serving build can load them).
+    "jit_compile": False,
     # Optimization (the authors': SGD, Nesterov momentum 0.9, lr 0.1).
     "optimizer": "sgd",
     "learning_rate": 0.1,
@@ -66,10 +69,11 @@ DEFAULTS = {
 }
 
 # Keys that do not change what a run computes, so a resumed run may change
-# them (e.g. more steps, another strategy: replicas give the same result).
+# them (e.g. more steps, another strategy: replicas give the same result;
+# XLA or not: the same computation, compiled differently).
 RESUMABLE_KEYS = frozenset({
     "steps", "log_every", "checkpoint_every", "keep_checkpoints", "strategy",
-    "devices", "tpu",
+    "devices", "tpu", "jit_compile",
 })
 
 _HELP_HINT = ("Pass the flags of the saved run to resume it, or use a new "
@@ -135,6 +139,10 @@ def validate_config(config):
   _check_float(config, "momentum", 0.0, 1.0, low_open=False)
   _check_float(config, "weight_decay", 0.0, low_open=False)
   _check_float(config, "label_smoothing", 0.0, 1.0, low_open=False)
+  if config["jit_compile"] and config["method"] == "backprop":
+    raise ConfigError("--jit_compile needs --method=forward or adjoint (the "
+                      "gradient of --method=backprop runs back through the "
+                      "solver loop, which cannot leave an XLA function).")
   if config["devices"] and config["strategy"] != "mirrored":
     raise ConfigError(f"--devices is for --strategy=mirrored only; got "
                       f"--strategy={config['strategy']}.")

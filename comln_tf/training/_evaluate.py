@@ -60,7 +60,9 @@ def evaluate_run(model_dir, *, which="best", split="test", num_episodes=1000,
     path = _models.checkpoint_path(model_dir, which)
     # At once: a live run may replace its best or old checkpoints.
     step = _models.checkpoint_step(path)
-    model = _models.model_from_checkpoint(config, path)
+    # Runs saved before the jit_compile flag existed do not have it.
+    model = _models.model_from_checkpoint(
+        config, path, jit_compile=config.get("jit_compile", False))
   except (FileNotFoundError, ValueError, tf.errors.NotFoundError) as error:
     raise ConfigError(f"--model_dir={model_dir} --checkpoint={which}: "
                       f"{error}") from error

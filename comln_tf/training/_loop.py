@@ -144,7 +144,7 @@ class _State:
 def _make_state(config, strategy):
   with strategy.scope():
     keras.utils.set_random_seed(config["seed"])
-    model = _models.build_model(config)
+    model = _models.build_model(config, jit_compile=config["jit_compile"])
     optimizer = _models.build_optimizer(config, model)
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     best_accuracy = tf.Variable(-1.0, dtype=tf.float32, trainable=False,

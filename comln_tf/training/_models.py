@@ -13,7 +13,7 @@ from comln_tf.training._config import load_config
 BEST_DIR = "best"
 
 
-def build_model(config):
+def build_model(config, jit_compile=False):
   """A built COMLN model, with fresh weights, ready to train or restore.
 
   The weights are drawn from Keras' global random state: call
@@ -22,6 +22,8 @@ def build_model(config):
   Args:
     config: a configuration with `example_shape` (the shape of one image,
       [H, W, C], or of one feature vector, [d]), as saved by training.
+    jit_compile: XLA-compile the adaptation (see `GradientFlowClassifier`).
+      Off for models that are exported.
 
   Returns:
     A built `COMLN`.
@@ -38,7 +40,8 @@ def build_model(config):
       max_steps=config["max_solver_steps"],
       num_steps=config["solver_steps"],
       label_smoothing=config["label_smoothing"],
-      tie_init_rows=config["tie_init_rows"])
+      tie_init_rows=config["tie_init_rows"],
+      jit_compile=jit_compile)
   model = COMLN(backbones.get_backbone(config["backbone"]), classifier,
                 weight_decay=config["weight_decay"])
   model.build({"support_images": (None, None) + tuple(config["example_shape"])})
@@ -123,12 +126,13 @@ def checkpoint_step(path):
       "step/.ATTRIBUTES/VARIABLE_VALUE"))
 
 
-def model_from_checkpoint(config, path):
+def model_from_checkpoint(config, path, jit_compile=False):
   """A model of `config` with the weights of checkpoint `path`.
 
   Args:
     config: the run's configuration.
     path: str, a checkpoint prefix written by training.
+    jit_compile: XLA-compile the adaptation (see `build_model`).
 
   Returns:
     The built, restored COMLN.
@@ -143,7 +147,7 @@ def model_from_checkpoint(config, path):
         f"comln_tf.training.make_checkpoint, and tf.train.Checkpoint("
         f"model=model) alone does not save the backbone's weights (Keras 3 "
         f"does not track layers kept in lists).")
-  model = build_model(config)
+  model = build_model(config, jit_compile=jit_compile)
   # Only the model: the optimizer and step in the checkpoint are not needed.
   status = make_checkpoint(model).restore(path)
   status.expect_partial().assert_existing_objects_matched()
