@@ -10,8 +10,10 @@ flow does not depend on the embedding size d.
 The forward method also integrates the sensitivities of s with respect to L0
 and G. They are the directional derivatives (JVPs) of the same vector field:
     d/dt (ds/dtheta) = J_s f . ds/dtheta + J_theta f,    theta in {L0, G}.
-Directions, K = M N + M (M + 1) / 2 of them per task:
-  * L0 directions k = (i, n), i in [0, M), n in [0, N): dL0 = e_i e_n^T;
+Directions, K = M (N - 1) + M (M + 1) / 2 of them per task:
+  * L0 directions k = (i, n), i in [0, M), n in [0, N - 1): dL0 = e_i e_n^T
+    (the softmax ignores a shift of a row of logits, so the direction
+    e_i 1^T has zero effect and (i, N - 1) is minus the sum of the others);
   * G directions k = (m, j), m <= j: dG = e_m e_j^T + e_j e_m^T (G is
     symmetric, so the M (M - 1) / 2 others are redundant).
 Tangents are stored as one tensor [B, M, K, N - 1] (task, example,
@@ -61,16 +63,18 @@ def gram_directions(num_examples):
 
 
 def _logit0_forcing(num_examples, num_classes, dtype):
-  """d(logits)/d(L0) for every L0 direction: [M, M N, N].
+  """d(logits)/d(L0) for every L0 direction: [M, M (N - 1), N].
 
-  Entry [r, (i, n), c] = 1 if r == i and c == n: direction (i, n) moves only
-  the logit of example i and class n.
+  Entry [r, (i, n), c] = 1 if r == i and c == n: direction (i, n), n < N - 1,
+  moves only the logit of example i and class n.
   """
-  size = num_examples * num_classes
+  classes = num_classes - 1
+  size = num_examples * classes
   eye = tf.reshape(tf.eye(size, dtype=dtype),
-                   [num_examples, num_classes, num_examples, num_classes])
-  return tf.reshape(tf.transpose(eye, [0, 2, 3, 1]),
-                    [num_examples, size, num_classes])
+                   [num_examples, classes, num_examples, classes])
+  eye = tf.reshape(tf.transpose(eye, [0, 2, 3, 1]),
+                   [num_examples, size, classes])
+  return tf.pad(eye, [[0, 0], [0, 0], [0, 1]])
 
 
 def _closed_form_tangent_field(s, tangents, logits0, gram, labels):
@@ -129,11 +133,13 @@ def _closed_form_tangent_field(s, tangents, logits0, gram, labels):
 
 def _direction_tangents(num_examples, num_classes, dtype):
   """Dense tangents (dL0 [K, M, N], dG [K, M, M]) of all K directions."""
-  size = num_examples * num_classes
+  size = num_examples * (num_classes - 1)
   pairs = gram_directions(num_examples)
   num_gram = tf.shape(pairs)[0]
   d_logits0 = tf.concat([
-      tf.reshape(tf.eye(size, dtype=dtype), [size, num_examples, num_classes]),
+      tf.pad(tf.reshape(tf.eye(size, dtype=dtype),
+                        [size, num_examples, num_classes - 1]),
+             [[0, 0], [0, 0], [0, 1]]),
       tf.zeros([num_gram, num_examples, num_classes], dtype)
   ], axis=0)
   rows_m = tf.one_hot(pairs[:, 0], num_examples, dtype=dtype)  # [K_G, M]
@@ -178,8 +184,9 @@ TANGENT_FIELDS = {
 
 
 def num_directions(num_examples, num_classes):
-  """K = M N + M (M + 1) / 2, the sensitivity directions per task."""
-  return num_examples * num_classes + num_examples * (num_examples + 1) // 2
+  """K = M (N - 1) + M (M + 1) / 2, the sensitivity directions per task."""
+  return (num_examples * (num_classes - 1) +
+          num_examples * (num_examples + 1) // 2)
 
 
 def drop_last_class(tangents):
@@ -212,9 +219,9 @@ def contract_sensitivities(tangents, cotangent_s):
   """
   batch, num_examples, num_classes = tf.unstack(tf.shape(cotangent_s))
   per_direction = tf.einsum("bin,bikn->bk", cotangent_s, tangents)
-  size = num_examples * num_classes
-  d_logits0 = tf.reshape(per_direction[:, :size],
-                         [batch, num_examples, num_classes])
+  size = num_examples * (num_classes - 1)
+  d_logits0 = restore_last_class(tf.reshape(
+      per_direction[:, :size], [batch, num_examples, num_classes - 1]))
   # Direction (m, j) perturbs G[m, j] and G[j, m] (twice G[m, m] when m = j),
   # so its derivative is exactly entry (m, j) of dL/dG + (dL/dG)^T.
   pairs = gram_directions(num_examples)

@@ -35,7 +35,8 @@ class GradientFlowClassifier(keras.layers.Layer):
       tie_init_rows).
     initial_t: T at initialisation, > 0.
     train_t: whether tau = log T is trainable.
-    method, solver, rtol, atol, max_steps, num_steps: passed to `adapt`.
+    method, solver, rtol, atol, max_steps, num_steps, tasks_per_solve:
+      passed to `adapt`.
     label_smoothing: epsilon of the support labels, Y = (1 - eps) onehot +
       eps / N.
     tie_init_rows: one shared initial row (see above).
@@ -59,6 +60,7 @@ class GradientFlowClassifier(keras.layers.Layer):
                label_smoothing: float = 0.0,
                tie_init_rows: bool = False,
                jit_compile: bool = False,
+               tasks_per_solve: Optional[int] = None,
                **kwargs):
     super().__init__(**kwargs)
     if num_ways is None and not tie_init_rows:
@@ -86,6 +88,7 @@ class GradientFlowClassifier(keras.layers.Layer):
     self.label_smoothing = float(label_smoothing)
     self.tie_init_rows = bool(tie_init_rows)
     self.jit_compile = bool(jit_compile)
+    self.tasks_per_solve = tasks_per_solve
     self._compiled_adapt = {}
     if self.jit_compile and method == "backprop":
       # Its gradient runs back through the solver's while loop, whose
@@ -163,7 +166,8 @@ class GradientFlowClassifier(keras.layers.Layer):
     options = dict(
         method=self.method if training else "backprop", solver=self.solver,
         rtol=self.rtol, atol=self.atol, max_steps=self.max_steps,
-        num_steps=self.num_steps, return_stats=True)
+        num_steps=self.num_steps, tasks_per_solve=self.tasks_per_solve,
+        return_stats=True)
     run = functools.partial(_adapt.adapt, **options)
     if self.jit_compile:
       # One compiled function per gradient method (training or not).
@@ -207,5 +211,6 @@ class GradientFlowClassifier(keras.layers.Layer):
         method=self.method, solver=self.solver, rtol=self.rtol,
         atol=self.atol, max_steps=self.max_steps, num_steps=self.num_steps,
         label_smoothing=self.label_smoothing,
-        tie_init_rows=self.tie_init_rows, jit_compile=self.jit_compile)
+        tie_init_rows=self.tie_init_rows, jit_compile=self.jit_compile,
+        tasks_per_solve=self.tasks_per_solve)
     return config

@@ -67,6 +67,10 @@ flags.DEFINE_bool("jit_compile", _D["jit_compile"],
                   "XLA-compile the adaptation (the ODE solve and its "
                   "meta-gradient): faster steps, a compile at the start. "
                   "Exports are not affected.")
+flags.DEFINE_integer("tasks_per_solve", _D["tasks_per_solve"],
+                     "Solve the tasks of a meta-batch in groups of this many "
+                     "(less memory; on CPU groups of ~4 are also faster). "
+                     "Default: all together.")
 # Optimization.
 flags.DEFINE_enum("optimizer", _D["optimizer"], training.OPTIMIZERS,
                   "Meta-optimizer.")

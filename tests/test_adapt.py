@@ -105,11 +105,9 @@ def problem():
   return make_problem()
 
 
-@pytest.mark.parametrize("method_name", sorted(GRADIENT_METHODS))
-def test_gradients_match_finite_differences(problem, method_name):
-  loss, grads = engine_loss_and_gradients(problem,
-                                          GRADIENT_METHODS[method_name],
-                                          **TIGHT)
+def assert_gradients_match_finite_differences(problem, method, **options):
+  """Engine gradients vs central differences of the W-space reference."""
+  loss, grads = engine_loss_and_gradients(problem, method, **TIGHT, **options)
   names = ["init_weights", "support", "queries", "t_final"]
   point = [problem[n] for n in names]
   assert loss == pytest.approx(reference_loss(problem, *point), rel=1e-8)
@@ -126,6 +124,20 @@ def test_gradients_match_finite_differences(problem, method_name):
       analytic = np.sum(grads[index] * direction)
       assert abs(analytic - finite_difference) <= 1e-6 * abs(
           finite_difference), (name, analytic, finite_difference)
+
+
+@pytest.mark.parametrize("method_name", sorted(GRADIENT_METHODS))
+def test_gradients_match_finite_differences(problem, method_name):
+  assert_gradients_match_finite_differences(problem,
+                                            GRADIENT_METHODS[method_name])
+
+
+@pytest.mark.parametrize("method_name", ["forward", "backprop"])
+def test_tasks_solved_in_groups_match_finite_differences(method_name):
+  # 3 tasks in groups of 2: the last group is padded.
+  problem = make_problem(num_tasks=3, seed=5)
+  assert_gradients_match_finite_differences(problem, method_name,
+                                            tasks_per_solve=2)
 
 
 @pytest.mark.parametrize("method_name", ["forward", "backprop", "adjoint"])
@@ -238,8 +250,9 @@ def test_soft_labels(problem):
   np.testing.assert_allclose(weights, expected, rtol=0, atol=1e-10)
 
 
-def test_eager_function_and_xla_agree():
-  problem = make_problem(seed=7)
+@pytest.mark.parametrize("tasks_per_solve", [None, 2])
+def test_eager_function_and_xla_agree(tasks_per_solve):
+  problem = make_problem(num_tasks=3, seed=7)
   args = [tf.constant(problem[k]) for k in ("init_weights", "support")]
   t_final = tf.constant(problem["t_final"], tf.float64)
 
@@ -247,7 +260,7 @@ def test_eager_function_and_xla_agree():
     with tf.GradientTape() as tape:
       tape.watch([init_weights, support, t_final])
       weights = comln_tf.adapt(init_weights, support, problem["labels"],
-                               t_final)
+                               t_final, tasks_per_solve=tasks_per_solve)
       loss = tf.reduce_sum(tf.sin(weights))
     return [weights] + tape.gradient(loss, [init_weights, support, t_final])
 
@@ -350,6 +363,7 @@ def test_max_steps_exceeded_under_xla_is_nan_not_silent(problem):
     (dict(solver="euler", num_steps=0), "num_steps must be a positive integer"),
     (dict(rtol=0.0), "rtol must be > 0"),
     (dict(max_steps=0), "max_steps must be a positive integer"),
+    (dict(tasks_per_solve=0), "tasks_per_solve must be None or a positive"),
 ])
 def test_bad_options_name_the_option(problem, kwargs, message):
   with pytest.raises(ValueError, match=message):

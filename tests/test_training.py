@@ -58,7 +58,8 @@ def test_make_config_names_the_bad_flag():
                           ({"method": "magic"}, "--method"),
                           ({"devices": ["/cpu:0"]}, "--devices"),
                           ({"jit_compile": True, "method": "backprop"},
-                           "--jit_compile")]:
+                           "--jit_compile"),
+                          ({"tasks_per_solve": 0}, "--tasks_per_solve")]:
     with pytest.raises(training.ConfigError, match=flag):
       training.make_config(**overrides)
   with pytest.raises(training.ConfigError, match="Unknown configuration"):

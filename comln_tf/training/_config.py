@@ -48,6 +48,8 @@ DEFAULTS = {
     # XLA-compile the adaptation (training and validation only; exports
     # stay XLA-free so that any TensorFlow Serving build can load them).
     "jit_compile": False,
+    # Solve the tasks of a replica's batch in groups (None: all at once).
+    "tasks_per_solve": None,
     # Optimization (the authors': SGD, Nesterov momentum 0.9, lr 0.1).
     "optimizer": "sgd",
     "learning_rate": 0.1,
@@ -70,10 +72,11 @@ DEFAULTS = {
 
 # Keys that do not change what a run computes, so a resumed run may change
 # them (e.g. more steps, another strategy: replicas give the same result;
-# XLA or not: the same computation, compiled differently).
+# XLA or not, tasks solved in groups or not: the same computation, carried
+# out differently).
 RESUMABLE_KEYS = frozenset({
     "steps", "log_every", "checkpoint_every", "keep_checkpoints", "strategy",
-    "devices", "tpu", "jit_compile",
+    "devices", "tpu", "jit_compile", "tasks_per_solve",
 })
 
 _HELP_HINT = ("Pass the flags of the saved run to resume it, or use a new "
@@ -131,6 +134,7 @@ def validate_config(config):
     _check_int(config, key, minimum)
   _check_int(config, "image_size", 1, optional=True)
   _check_int(config, "solver_steps", 1, optional=True)
+  _check_int(config, "tasks_per_solve", 1, optional=True)
   if config["solver"] != "dopri5" and config["solver_steps"] is None:
     raise ConfigError(f"--solver={config['solver']} is a fixed-step solver: "
                       f"it needs --solver_steps.")

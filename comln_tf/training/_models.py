@@ -41,7 +41,8 @@ def build_model(config, jit_compile=False):
       num_steps=config["solver_steps"],
       label_smoothing=config["label_smoothing"],
       tie_init_rows=config["tie_init_rows"],
-      jit_compile=jit_compile)
+      jit_compile=jit_compile,
+      tasks_per_solve=config.get("tasks_per_solve"))
   model = COMLN(backbones.get_backbone(config["backbone"]), classifier,
                 weight_decay=config["weight_decay"])
   model.build({"support_images": (None, None) + tuple(config["example_shape"])})
