@@ -9,7 +9,6 @@ Example:
   python -m launch.evaluate --model_dir=runs/omniglot_5w1s
 """
 
-import logging
 import sys
 
 from absl import app
@@ -17,6 +16,7 @@ from absl import flags
 
 from comln_tf import evaluation
 from comln_tf import training
+import launch
 
 flags.DEFINE_string("model_dir", None, "Directory of the trained run.")
 flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
@@ -46,10 +46,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
-  for name in ("absl", "tensorflow"):
-    logging.getLogger(name).setLevel("WARNING")
+  launch.start(argv)
   try:
     results = training.evaluate_run(
         FLAGS.model_dir, which=FLAGS.checkpoint, split=FLAGS.split,

@@ -16,13 +16,13 @@ Worker i of a 2-worker cluster (same flags and --model_dir on each):
       python -m launch.train --model_dir=runs/x --strategy=multi_worker
 """
 
-import logging
 import sys
 
 from absl import app
 from absl import flags
 
 from comln_tf import training
+import launch
 
 _D = training.DEFAULTS
 
@@ -116,12 +116,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
-  # TensorFlow's own INFO lines (one per checkpoint) would drown the logs;
-  # comln_tf logs through its own loggers.
-  for name in ("absl", "tensorflow"):
-    logging.getLogger(name).setLevel("WARNING")
+  launch.start(argv)
   try:
     config = training.make_config(
         **{key: FLAGS[key].value for key in training.DEFAULTS})

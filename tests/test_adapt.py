@@ -7,6 +7,10 @@ engine with itself, except the two tangent fields, which the issue requires
 to agree to 1e-10.
 """
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -411,9 +415,6 @@ print(tf.config.experimental.get_memory_info("CPU:0")["peak"])
 
 
 def _eager_peak_bytes(method, t_final):
-  import os
-  import subprocess
-  import sys
   result = subprocess.run(
       [sys.executable, "-c", _EAGER_PEAK_SCRIPT, method, str(t_final)],
       capture_output=True, text=True, timeout=300, check=True,
