@@ -76,6 +76,9 @@ flags.DEFINE_enum("optimizer", _D["optimizer"], training.OPTIMIZERS,
                   "Meta-optimizer.")
 flags.DEFINE_float("learning_rate", _D["learning_rate"],
                    "Meta learning rate.")
+flags.DEFINE_integer("lr_decay_steps", _D["lr_decay_steps"],
+                     "Decay the learning rate to 0 over this many steps "
+                     "(cosine; usually = --steps). Default: constant.")
 flags.DEFINE_float("momentum", _D["momentum"], "Momentum of SGD.")
 flags.DEFINE_bool("nesterov", _D["nesterov"], "Nesterov momentum for SGD.")
 flags.DEFINE_float("weight_decay", _D["weight_decay"],

@@ -16,9 +16,10 @@ from comln_tf import evaluation
 from comln_tf import training
 
 STEPS = 16
+LR_DECAY_STEPS = 32
 RUN_ARGS = cli_helpers.TINY_ARGS + (
     f"--steps={STEPS}", "--log_every=4", "--checkpoint_every=2",
-    "--validate_every=8", "--seed=3")
+    "--validate_every=8", "--seed=3", f"--lr_decay_steps={LR_DECAY_STEPS}")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,8 @@ def test_make_config_names_the_bad_flag():
                           ({"devices": ["/cpu:0"]}, "--devices"),
                           ({"jit_compile": True, "method": "backprop"},
                            "--jit_compile"),
-                          ({"tasks_per_solve": 0}, "--tasks_per_solve")]:
+                          ({"tasks_per_solve": 0}, "--tasks_per_solve"),
+                          ({"lr_decay_steps": 0}, "--lr_decay_steps")]:
     with pytest.raises(training.ConfigError, match=flag):
       training.make_config(**overrides)
   with pytest.raises(training.ConfigError, match="Unknown configuration"):
@@ -82,8 +84,12 @@ def test_smoke_training_loss_falls_and_beats_chance(reference_run):
   assert config["steps"] == STEPS and config["ways"] == 5
   scalars = _scalars(reference_run / "train")
   assert set(scalars) == {"loss", "accuracy", "t_final", "num_evals",
-                          "episodes_per_second"}
+                          "episodes_per_second", "learning_rate"}
   assert [step for step, _ in scalars["loss"]] == [4, 8, 12, 16]
+  # Cosine decay from 0.1: the rate the next step will use.
+  for step, value in scalars["learning_rate"]:
+    np.testing.assert_allclose(
+        value, 0.05 * (1 + np.cos(np.pi * step / LR_DECAY_STEPS)), rtol=1e-6)
   losses = [value for _, value in scalars["loss"]]
   assert losses[-1] < losses[0] - 0.3, losses
   assert all(value > 0 for _, value in scalars["num_evals"])

@@ -53,6 +53,9 @@ DEFAULTS = {
     # Optimization (the authors': SGD, Nesterov momentum 0.9, lr 0.1).
     "optimizer": "sgd",
     "learning_rate": 0.1,
+    # Cosine decay of the learning rate to 0 over this many steps (None:
+    # constant). Separate from `steps`, which a resumed run may change.
+    "lr_decay_steps": None,
     "momentum": 0.9,
     "nesterov": True,
     "weight_decay": 5e-4,
@@ -135,6 +138,7 @@ def validate_config(config):
   _check_int(config, "image_size", 1, optional=True)
   _check_int(config, "solver_steps", 1, optional=True)
   _check_int(config, "tasks_per_solve", 1, optional=True)
+  _check_int(config, "lr_decay_steps", 1, optional=True)
   if config["solver"] != "dopri5" and config["solver_steps"] is None:
     raise ConfigError(f"--solver={config['solver']} is a fixed-step solver: "
                       f"it needs --solver_steps.")

@@ -305,7 +305,7 @@ class _Monitor:
     self._window_time += time.perf_counter() - begin
     self._bar.update(1)
 
-  def log_window(self, step, totals, t_final):
+  def log_window(self, step, totals, t_final, learning_rate):
     """Writes the means of the window's steps (and zeroes the totals)."""
     count = max(float(totals["steps"].numpy()), 1.0)
     logs = {name: float(totals[name].numpy()) / count for name in _METRICS}
@@ -314,6 +314,7 @@ class _Monitor:
     window_steps = step - self._last_step
     seconds_per_step = self._window_time / window_steps
     logs["t_final"] = t_final
+    logs["learning_rate"] = learning_rate
     logs["episodes_per_second"] = self._batch_size / seconds_per_step
     if not self._first_window:
       self._steady_steps += window_steps
@@ -417,7 +418,8 @@ def train(config, model_dir, strategy=None, progress=True):
       monitor.run_step(train_step, iterator)
       if _due(step, config["log_every"], steps):
         monitor.log_window(step, totals,
-                           float(state.model.classifier.t_final))
+                           float(state.model.classifier.t_final),
+                           float(state.optimizer.learning_rate))
       if config["validate_every"] and _due(step, config["validate_every"],
                                            steps):
         summary = evaluation.summarize(evaluation.episode_accuracies(

@@ -60,14 +60,21 @@ def build_optimizer(config, model):
     model: the built COMLN.
 
   Returns:
-    keras.optimizers.SGD (momentum, Nesterov per config) or Adam.
+    keras.optimizers.SGD (momentum, Nesterov per config) or Adam, with a
+    constant learning rate or a cosine decay (config lr_decay_steps).
   """
+  learning_rate = config["learning_rate"]
+  if config.get("lr_decay_steps"):
+    # Driven by optimizer.iterations, which checkpoints hold: a resumed run
+    # continues the schedule where it stopped.
+    learning_rate = keras.optimizers.schedules.CosineDecay(
+        learning_rate, config["lr_decay_steps"])
   if config["optimizer"] == "sgd":
-    optimizer = keras.optimizers.SGD(config["learning_rate"],
+    optimizer = keras.optimizers.SGD(learning_rate,
                                      momentum=config["momentum"],
                                      nesterov=config["nesterov"])
   else:
-    optimizer = keras.optimizers.Adam(config["learning_rate"])
+    optimizer = keras.optimizers.Adam(learning_rate)
   optimizer.build(model.trainable_variables)
   return optimizer
 
