@@ -42,7 +42,8 @@ class GradientFlowClassifier(keras.layers.Layer):
     tie_init_rows: one shared initial row (see above).
     jit_compile: compile the adaptation with XLA. The ODE solve is a loop of
       many small ops; XLA fuses them (3x faster solves for 5-way
-      1-shot Omniglot on CPU). Not with method="backprop". Off by default
+      1-shot Omniglot on CPU). Not with method="backprop" nor with
+      tasks_per_solve. Off by default
       because a SavedModel with XLA functions needs a TensorFlow Serving
       build with XLA.
   """
@@ -98,6 +99,14 @@ class GradientFlowClassifier(keras.layers.Layer):
           'gradient of method="backprop" goes through the solver loop, '
           'which cannot leave an XLA function. Compile the whole training '
           'step instead (tf.function(jit_compile=True)).')
+    if self.jit_compile and tasks_per_solve is not None:
+      # The groups are a tf.map_fn, whose gradient needs the forward loop's
+      # TensorLists: they cannot cross the boundary of a compiled function.
+      raise ValueError(
+          "jit_compile=True and tasks_per_solve cannot be combined: the "
+          "gradient of the grouped solve cannot leave an XLA function. Use "
+          "one of them, or compile the whole training step instead "
+          "(tf.function(jit_compile=True)).")
     # Fail at construction, not at the first call, on a bad solver set-up.
     _solvers.make_solver(solver, rtol, atol, num_steps)
 

@@ -69,7 +69,8 @@ flags.DEFINE_bool("jit_compile", _D["jit_compile"],
                   "Exports are not affected.")
 flags.DEFINE_integer("tasks_per_solve", _D["tasks_per_solve"],
                      "Solve the tasks of a meta-batch in groups of this many "
-                     "(less memory; on CPU groups of ~4 are also faster). "
+                     "(less memory; on CPU groups of ~4 are also faster; "
+                     "not with --jit_compile). "
                      "Default: all together.")
 # Optimization.
 flags.DEFINE_enum("optimizer", _D["optimizer"], training.OPTIMIZERS,

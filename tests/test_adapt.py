@@ -391,6 +391,9 @@ def test_layer_refuses_jit_compile_with_backprop():
   with pytest.raises(ValueError, match='jit_compile=True needs method="forward"'):
     comln_tf.layers.GradientFlowClassifier(3, method="backprop",
                                            jit_compile=True)
+  with pytest.raises(ValueError, match="jit_compile=True and tasks_per_solve"):
+    comln_tf.layers.GradientFlowClassifier(3, tasks_per_solve=2,
+                                           jit_compile=True)
 
 
 # Peak memory of eager meta-gradients at time T, in a fresh process (the CPU

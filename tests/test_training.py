@@ -61,7 +61,9 @@ def test_make_config_names_the_bad_flag():
                           ({"jit_compile": True, "method": "backprop"},
                            "--jit_compile"),
                           ({"tasks_per_solve": 0}, "--tasks_per_solve"),
-                          ({"lr_decay_steps": 0}, "--lr_decay_steps")]:
+                          ({"lr_decay_steps": 0}, "--lr_decay_steps"),
+                          ({"jit_compile": True, "tasks_per_solve": 4},
+                           "--tasks_per_solve")]:
     with pytest.raises(training.ConfigError, match=flag):
       training.make_config(**overrides)
   with pytest.raises(training.ConfigError, match="Unknown configuration"):

@@ -151,6 +151,10 @@ def validate_config(config):
     raise ConfigError("--jit_compile needs --method=forward or adjoint (the "
                       "gradient of --method=backprop runs back through the "
                       "solver loop, which cannot leave an XLA function).")
+  if config["jit_compile"] and config["tasks_per_solve"] is not None:
+    raise ConfigError("--jit_compile and --tasks_per_solve cannot be combined "
+                      "(the gradient of the grouped solve cannot leave an XLA "
+                      "function); use one of them.")
   if config["devices"] and config["strategy"] != "mirrored":
     raise ConfigError(f"--devices is for --strategy=mirrored only; got "
                       f"--strategy={config['strategy']}.")
