@@ -419,7 +419,8 @@ def train(config, model_dir, strategy=None, progress=True):
       if _due(step, config["log_every"], steps):
         monitor.log_window(step, totals,
                            float(state.model.classifier.t_final),
-                           float(state.optimizer.learning_rate))
+                           float(tf.convert_to_tensor(
+                               state.optimizer.learning_rate)))
       if config["validate_every"] and _due(step, config["validate_every"],
                                            steps):
         summary = evaluation.summarize(evaluation.episode_accuracies(
