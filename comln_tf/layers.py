@@ -41,11 +41,11 @@ class GradientFlowClassifier(keras.layers.Layer):
       eps / N.
     tie_init_rows: one shared initial row (see above).
     jit_compile: compile the adaptation with XLA. The ODE solve is a loop of
-      many small ops; XLA fuses them (3x faster solves for 5-way
-      1-shot Omniglot on CPU). Not with method="backprop" nor with
-      tasks_per_solve. Off by default
-      because a SavedModel with XLA functions needs a TensorFlow Serving
-      build with XLA.
+      many small ops; XLA fuses them (3x faster solves for 5-way 1-shot
+      Omniglot on CPU). Not with method="backprop" nor with tasks_per_solve
+      (their gradients cannot leave an XLA function). Off by default because
+      a SavedModel with XLA functions needs a TensorFlow Serving build with
+      XLA.
   """
 
   def __init__(self,
