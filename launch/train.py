@@ -80,6 +80,9 @@ flags.DEFINE_float("learning_rate", _D["learning_rate"],
 flags.DEFINE_integer("lr_decay_steps", _D["lr_decay_steps"],
                      "Decay the learning rate to 0 over this many steps "
                      "(cosine; usually = --steps). Default: constant.")
+flags.DEFINE_float("clip_norm", _D["clip_norm"],
+                   "Scale the meta-gradient down to this global norm when it "
+                   "is larger. Default: no clipping.")
 flags.DEFINE_float("momentum", _D["momentum"], "Momentum of SGD.")
 flags.DEFINE_bool("nesterov", _D["nesterov"], "Nesterov momentum for SGD.")
 flags.DEFINE_float("weight_decay", _D["weight_decay"],

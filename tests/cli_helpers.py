@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.util import event_pb2
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -132,6 +133,19 @@ def free_ports(count):
   finally:
     for s in sockets:
       s.close()
+
+
+def scalars(event_dir):
+  """{tag: [(step, value)]} of the summaries in an event directory."""
+  values = {}
+  for path in sorted(pathlib.Path(event_dir).glob("events.out.tfevents.*")):
+    for record in tf.data.TFRecordDataset(str(path)):
+      event = event_pb2.Event.FromString(record.numpy())
+      for value in event.summary.value:
+        assert value.metadata.plugin_data.plugin_name == "scalars"
+        values.setdefault(value.tag, []).append(
+            (event.step, float(tf.make_ndarray(value.tensor))))
+  return values
 
 
 def checkpoint_values(path):

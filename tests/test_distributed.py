@@ -10,7 +10,9 @@ drift from the single-device run within a few steps. The equivalence runs
 are therefore 2 steps long, compared by the relative norm of the weight
 difference; their weight decay is 100x the default so that counting the
 L2 term once per replica (an error of 2.3e-2 here) or misscaling the loss
-would fail the test.
+would fail the test. Their gradients are clipped (norms 25.9 and 9.6 at
+steps 1 and 2, measured, clipped to 5), and the logged norms must match
+the single-device run's: a norm of each replica's part would be half.
 """
 
 import json
@@ -24,7 +26,7 @@ from comln_tf import training
 
 EQUIVALENCE_ARGS = cli_helpers.TINY_ARGS + (
     "--steps=2", "--log_every=1", "--checkpoint_every=1", "--validate_every=2",
-    "--weight_decay=0.05", "--seed=3")
+    "--weight_decay=0.05", "--seed=3", "--clip_norm=5")
 # Measured: 1.4e-4 between 2 replicas and one device after 2 steps.
 TOLERANCE = 2e-3
 
@@ -49,6 +51,10 @@ def _assert_matches_single_device(model_dir, single_device_run):
   step = "step/.ATTRIBUTES/VARIABLE_VALUE"
   assert weights[step] == expected[step] == 2
   assert cli_helpers.relative_difference(weights, expected) < TOLERANCE
+  norms, expected_norms = (
+      [value for _, value in cli_helpers.scalars(run / "train")["grad_norm"]]
+      for run in (model_dir, single_device_run))
+  np.testing.assert_allclose(norms, expected_norms, rtol=TOLERANCE)
 
 
 def _tf_config(ports, index):

@@ -56,6 +56,9 @@ DEFAULTS = {
     # Cosine decay of the learning rate to 0 over this many steps (None:
     # constant). Separate from `steps`, which a resumed run may change.
     "lr_decay_steps": None,
+    # Scale the meta-gradient down to this global norm when it is larger
+    # (None: no clipping).
+    "clip_norm": None,
     "momentum": 0.9,
     "nesterov": True,
     "weight_decay": 5e-4,
@@ -144,6 +147,8 @@ def validate_config(config):
                       f"it needs --solver_steps.")
   for key in ("initial_t", "rtol", "atol", "learning_rate"):
     _check_float(config, key, 0.0)
+  if config.get("clip_norm") is not None:
+    _check_float(config, "clip_norm", 0.0)
   _check_float(config, "momentum", 0.0, 1.0, low_open=False)
   _check_float(config, "weight_decay", 0.0, low_open=False)
   _check_float(config, "label_smoothing", 0.0, 1.0, low_open=False)

@@ -155,10 +155,10 @@ def _make_state(config, strategy):
 
 
 # Means over the replicas of one step, summed over the steps of a log window.
-_METRICS = ("loss", "accuracy", "num_evals")
+_METRICS = ("loss", "accuracy", "num_evals", "grad_norm")
 
 
-def make_train_step(model, optimizer, step, strategy, totals):
+def make_train_step(model, optimizer, step, strategy, totals, clip_norm=None):
   """The compiled meta-training step.
 
   Each replica adapts to its slice of the meta-batch and computes the
@@ -169,13 +169,21 @@ def make_train_step(model, optimizer, step, strategy, totals):
   mean, i.e. the sum of per-replica loss sums over B) plus the L2 term
   counted once.
 
+  The global norm of that gradient is computed from an all-reduced copy
+  (Keras optimizers' own clipnorm/global_clipnorm would clip each
+  replica's part before the sum); with `clip_norm`, every part is scaled
+  by min(1, clip_norm / norm), so the applied gradient has norm
+  <= clip_norm.
+
   Args:
     model: a built COMLN, created under `strategy`.
     optimizer: a built Keras optimizer, created under `strategy`.
     step: int64 tf.Variable, the number of steps done, incremented.
     strategy: the tf.distribute.Strategy.
-    totals: dict of float32 tf.Variables: "loss", "accuracy", "num_evals"
-      (each step adds its value, averaged over replicas) and "steps".
+    totals: dict of float32 tf.Variables: "loss", "accuracy", "num_evals",
+      "grad_norm" (before clipping) (each step adds its value, averaged over
+      replicas) and "steps".
+    clip_norm: float > 0 or None (no clipping).
 
   Returns:
     tf.function taking an iterator of distributed meta-batches: runs one
@@ -192,12 +200,19 @@ def make_train_step(model, optimizer, step, strategy, totals):
     gradients = model.regularized_gradients(tape.gradient(loss, variables),
                                             variables)
     # 1/R of this replica's gradient: the optimizer sums over replicas.
-    optimizer.apply([g / num_replicas for g in gradients], variables)
+    gradients = [g / num_replicas for g in gradients]
+    grad_norm = tf.linalg.global_norm(tf.distribute.get_replica_context(
+    ).all_reduce(tf.distribute.ReduceOp.SUM, gradients))
+    if clip_norm is not None:
+      scale = tf.minimum(1.0, clip_norm / grad_norm)
+      gradients = [g * scale for g in gradients]
+    optimizer.apply(gradients, variables)
     correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32),
                        tf.cast(batch["query_labels"], tf.int32))
     return {"loss": loss,
             "accuracy": tf.reduce_mean(tf.cast(correct, tf.float32)),
-            "num_evals": tf.cast(stats.num_evals, tf.float32)}
+            "num_evals": tf.cast(stats.num_evals, tf.float32),
+            "grad_norm": grad_norm}
 
   @tf.function
   def train_step(iterator):
@@ -329,8 +344,9 @@ class _Monitor:
       eta = datetime.timedelta(
           seconds=round((self._steps - step) * seconds_per_step))
       _LOG.info("Step %d/%d: loss %.4f, accuracy %.4f, T %.4g, %.4g ODE "
-                "evaluations, %.3g episodes/s, ETA %s.", step, self._steps,
-                logs["loss"], logs["accuracy"], t_final, logs["num_evals"],
+                "evaluations, gradient norm %.3g, %.3g episodes/s, ETA %s.",
+                step, self._steps, logs["loss"], logs["accuracy"], t_final,
+                logs["num_evals"], logs["grad_norm"],
                 logs["episodes_per_second"], eta)
     self.logs = logs
 
@@ -403,7 +419,8 @@ def train(config, model_dir, strategy=None, progress=True):
   totals = {name: tf.Variable(0.0, trainable=False)
             for name in _METRICS + ("steps",)}
   train_step = make_train_step(state.model, state.optimizer, state.step,
-                               strategy, totals)
+                               strategy, totals,
+                               clip_norm=config.get("clip_norm"))
   if config["validate_every"]:
     validation = data.eval_episodes(
         splits.validation, ways=config["ways"], shots=config["shots"],
