@@ -131,7 +131,7 @@ def main(argv):
     strategy = training.make_strategy(config["strategy"], config["devices"],
                                       config["tpu"])
     training.train(config, FLAGS.model_dir, strategy, progress=FLAGS.progress)
-  except training.ConfigError as error:
+  except (training.ConfigError, training.DivergedError) as error:
     sys.exit(f"error: {error}")
 
 

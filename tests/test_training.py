@@ -200,6 +200,22 @@ def test_cli_rejects_bad_flags_before_training(tmp_path, args, message):
   assert not (model_dir / "config.json").exists()
 
 
+def test_cli_stops_a_diverging_run_before_saving_it(tmp_path):
+  # Under XLA the engine's assertions are compiled away: without the
+  # training loop's check, a diverged run would go on with NaN weights.
+  model_dir = tmp_path / "run"
+  result = cli_helpers.run(
+      "launch.train", (f"--model_dir={model_dir}",) + cli_helpers.TINY_ARGS + (
+          "--steps=4", "--log_every=1", "--checkpoint_every=1",
+          "--learning_rate=1e4", "--max_solver_steps=50", "--jit_compile"),
+      timeout=240)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "error: Meta-training diverged between steps 1 and 1" in (
+      result.stderr), result.stderr[-3000:]
+  assert "--clip_norm" in result.stderr
+  assert tf.train.latest_checkpoint(str(model_dir)) is None
+
+
 def test_cli_refuses_to_resume_with_other_flags(reference_run):
   before = (reference_run / "config.json").read_text()
   args = [f"--model_dir={reference_run}"] + [

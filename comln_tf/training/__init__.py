@@ -46,6 +46,7 @@ from comln_tf.training._config import validate_config
 from comln_tf.training._distribute import is_chief
 from comln_tf.training._distribute import make_strategy
 from comln_tf.training._evaluate import evaluate_run
+from comln_tf.training._loop import DivergedError
 from comln_tf.training._loop import check_episodes
 from comln_tf.training._loop import load_data
 from comln_tf.training._loop import load_splits
@@ -63,7 +64,7 @@ from comln_tf.training._models import restore_model
 
 __all__ = [
     "BACKBONES", "BEST_DIR", "CONFIG_FILE", "ConfigError", "DATASETS",
-    "DEFAULTS", "METHODS", "OPTIMIZERS", "RESUMABLE_KEYS", "SOLVERS",
+    "DEFAULTS", "DivergedError", "METHODS", "OPTIMIZERS", "RESUMABLE_KEYS", "SOLVERS",
     "STRATEGIES", "build_model", "build_optimizer", "check_resume",
     "check_episodes", "checkpoint_path", "checkpoint_step", "evaluate_run",
     "is_chief", "load_config", "load_data", "load_splits", "make_checkpoint",

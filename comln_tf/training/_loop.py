@@ -10,6 +10,7 @@ uninterrupted run reads from step k on.
 import dataclasses
 import datetime
 import logging
+import math
 import os
 import sys
 import time
@@ -371,6 +372,44 @@ class _Monitor:
       writer.close()
 
 
+class DivergedError(RuntimeError):
+  """Meta-training stopped: the loss or T is no longer finite."""
+
+
+def _check_finite(totals, model, step, last_checked, model_dir, error=None):
+  """Raises DivergedError if a step since `last_checked` was not finite.
+
+  Under XLA the engine's assertions are compiled away and a diverged step
+  gives NaN values, not an error; without XLA the step after it fails in
+  the engine (e.g. "t_final must be > 0, got nan"). Either way training
+  stops here, before a non-finite checkpoint can be written.
+
+  Args:
+    totals: the step accumulators (sums since the last log).
+    model: the COMLN being trained.
+    step: int, the last step run. last_checked: int, the last step checked.
+    model_dir: str, for the message.
+    error: the tf.errors.OpError the step raised, if any (re-raised as is
+      when the state is finite: it is not a divergence).
+  """
+  # A step's loss precedes its update: a non-finite gradient is what makes
+  # the updated weights non-finite.
+  loss = float(totals["loss"].numpy())
+  grad_norm = float(totals["grad_norm"].numpy())
+  t_final = float(model.classifier.t_final)
+  if all(map(math.isfinite, (loss, grad_norm, t_final))):
+    if error is not None:
+      raise error
+    return
+  raise DivergedError(
+      f"Meta-training diverged between steps {last_checked + 1} and {step}: "
+      f"loss {loss}, gradient norm {grad_norm}, T {t_final}. Nothing after "
+      f"step {last_checked} was saved (latest checkpoints in {model_dir!r}, "
+      f"the best in {os.path.join(model_dir, _models.BEST_DIR)!r}). Train "
+      f"again in a new --model_dir with --clip_norm or a lower "
+      f"--learning_rate.") from error
+
+
 def _due(step, every, last):
   return step % every == 0 or step == last
 
@@ -398,6 +437,8 @@ def train(config, model_dir, strategy=None, progress=True):
 
   Raises:
     ConfigError: bad configuration (before any training).
+    DivergedError: the loss or T became non-finite (no checkpoint of a
+      non-finite state is written).
   """
   strategy = strategy or tf.distribute.get_strategy()
   config, splits = prepare_run(config, model_dir, strategy)
@@ -430,9 +471,19 @@ def train(config, model_dir, strategy=None, progress=True):
 
   monitor = _Monitor(model_dir, config, start, _distribute.is_chief(strategy),
                      progress)
+  last_checked = start
   try:
     for step in range(start + 1, steps + 1):
-      monitor.run_step(train_step, iterator)
+      try:
+        monitor.run_step(train_step, iterator)
+      except tf.errors.InvalidArgumentError as error:
+        _check_finite(totals, state.model, step, last_checked, model_dir,
+                      error)
+      due = [_due(step, config[key], steps) if config[key] else False
+             for key in ("log_every", "validate_every", "checkpoint_every")]
+      if any(due):
+        _check_finite(totals, state.model, step, last_checked, model_dir)
+        last_checked = step
       if _due(step, config["log_every"], steps):
         monitor.log_window(step, totals,
                            float(state.model.classifier.t_final),
