@@ -44,6 +44,31 @@ def _per_task(value, leaf):
   return tf.reshape(value, shape)
 
 
+def _evaluated_once(vector_field, y, condition):
+  """vector_field(y), computed once and stored, when `condition` holds.
+
+  XLA fuses the elementwise tail of a stage's vector field into every
+  later stage that reads it (Runge-Kutta stages read all earlier ones), so
+  without a boundary a dopri5 step recomputes each stage up to 6 times: on
+  the forward method's sensitivities that was most of the step's time.
+  XLA cannot fuse across a conditional, so the evaluation sits in one,
+  with a condition known only at run time (true while any task runs).
+  Outside XLA it is an ordinary `tf.cond` (zeros when `condition` is
+  false, which the solvers never use: they pass a condition that holds
+  inside their loop body).
+
+  Args:
+    vector_field: maps a state nest to its time derivative.
+    y: a state nest.
+    condition: bool scalar tensor.
+
+  Returns:
+    The nest vector_field(y), or zeros like y.
+  """
+  return tf.cond(condition, lambda: vector_field(y),
+                 lambda: tf.nest.map_structure(tf.zeros_like, y))
+
+
 def _combine(y, h, coefficients, ks):
   """y + h * sum_j coefficients[j] * ks[j], leaf by leaf (h is per task)."""
 
@@ -188,8 +213,10 @@ class Dopri5(Solver):
       h_step = tf.where(last, t_final - t, h)
       h_step = tf.where(running, h_step, tf.zeros_like(h_step))
       ks = [k1]
+      any_running = tf.reduce_any(running)
       for row in self._A[1:]:
-        ks.append(vector_field(_combine(y, h_step, row, ks)))
+        ks.append(_evaluated_once(vector_field, _combine(y, h_step, row, ks),
+                                  any_running))
       y_new = _combine(y, h_step, self._A[-1], ks[:-1])
       # ks[-1] was evaluated at y_new: the first stage of the next step.
       error = _combine(tf.nest.map_structure(tf.zeros_like, y), h_step,
@@ -234,7 +261,9 @@ class _FixedStep(Solver):
     def body(step, y):
       ks = []
       for row in self._A:
-        ks.append(vector_field(_combine(y, h, row, ks) if row else y))
+        ks.append(_evaluated_once(vector_field,
+                                  _combine(y, h, row, ks) if row else y,
+                                  step < self.num_steps))
       return step + 1, _combine(y, h, self._B, ks)
 
     steps, y_end = tf.while_loop(
