@@ -1,7 +1,8 @@
 """Meta-training of COMLN: configurations, strategies, the training loop.
 
 Public API:
-  train: meta-train (or resume) a run in a model_dir.
+  train: meta-train (or resume) a run in a model_dir; DivergedError: it
+    stopped because the loss, gradient norm or T became non-finite.
   make_config, validate_config, DEFAULTS, ConfigError: run configurations
     (flat dicts keyed by the flags of launch/train.py).
   load_config, save_config: model_dir/config.json.
@@ -64,7 +65,8 @@ from comln_tf.training._models import restore_model
 
 __all__ = [
     "BACKBONES", "BEST_DIR", "CONFIG_FILE", "ConfigError", "DATASETS",
-    "DEFAULTS", "DivergedError", "METHODS", "OPTIMIZERS", "RESUMABLE_KEYS", "SOLVERS",
+    "DEFAULTS", "DivergedError", "METHODS", "OPTIMIZERS", "RESUMABLE_KEYS",
+    "SOLVERS",
     "STRATEGIES", "build_model", "build_optimizer", "check_resume",
     "check_episodes", "checkpoint_path", "checkpoint_step", "evaluate_run",
     "is_chief", "load_config", "load_data", "load_splits", "make_checkpoint",

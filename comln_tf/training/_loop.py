@@ -479,18 +479,19 @@ def train(config, model_dir, strategy=None, progress=True):
       except tf.errors.InvalidArgumentError as error:
         _check_finite(totals, state.model, step, last_checked, model_dir,
                       error)
-      due = [_due(step, config[key], steps) if config[key] else False
-             for key in ("log_every", "validate_every", "checkpoint_every")]
-      if any(due):
+      log_due = _due(step, config["log_every"], steps)
+      validate_due = bool(config["validate_every"]) and _due(
+          step, config["validate_every"], steps)
+      checkpoint_due = _due(step, config["checkpoint_every"], steps)
+      if log_due or validate_due or checkpoint_due:
         _check_finite(totals, state.model, step, last_checked, model_dir)
         last_checked = step
-      if _due(step, config["log_every"], steps):
+      if log_due:
         monitor.log_window(step, totals,
                            float(state.model.classifier.t_final),
                            float(tf.convert_to_tensor(
                                state.optimizer.learning_rate)))
-      if config["validate_every"] and _due(step, config["validate_every"],
-                                           steps):
+      if validate_due:
         summary = evaluation.summarize(evaluation.episode_accuracies(
             accuracy_fn, validation, batch_size))
         improved = (np.float32(summary["accuracy"]) >
@@ -499,7 +500,7 @@ def train(config, model_dir, strategy=None, progress=True):
         if improved:
           state.best_accuracy.assign(summary["accuracy"])
           saver.save_best(step)
-      if _due(step, config["checkpoint_every"], steps):
+      if checkpoint_due:
         saver.save_latest(step)
   finally:
     monitor.close()
