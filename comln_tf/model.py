@@ -145,8 +145,37 @@ class COMLN(keras.Model):
     return [g if g is None or v is log_t else g + self.weight_decay * v.value
             for g, v in zip(gradients, variables)]
 
+  def replica_gradients(self, data):
+    """This replica's part of the meta-gradient of a meta-batch.
+
+    Under tf.distribute with R replicas each replica gets B/R episodes and
+    the optimizer sums what the replicas apply. Each contributes 1/R of
+    (the gradient of its mean query loss + the L2 term), so the sum is the
+    gradient of the mean loss over the global meta-batch plus the L2 term
+    counted once. Outside a strategy R = 1.
+
+    Args:
+      data: episode dict (see the class docstring) with "query_labels"
+        int32 [B, Q].
+
+    Returns:
+      (loss float32 scalar, logits [B, Q, N], SolveStats, gradients: list
+      aligned with `self.trainable_variables`).
+    """
+    with tf.GradientTape() as tape:
+      logits, stats = self(data, training=True, return_stats=True)
+      loss = self.query_loss(data["query_labels"], logits)
+    variables = self.trainable_variables
+    gradients = self.regularized_gradients(tape.gradient(loss, variables),
+                                           variables)
+    num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return loss, logits, stats, [g / num_replicas for g in gradients]
+
   def train_step(self, data):
     """One meta-training step on a meta-batch of episodes.
+
+    Works under tf.distribute (`model.fit` in a strategy's scope): see
+    `replica_gradients`.
 
     Args:
       data: episode dict (see the class docstring) with "query_labels"
@@ -157,19 +186,23 @@ class COMLN(keras.Model):
 
     Raises:
       ValueError: the optimizer has its own weight decay (see the class
-        docstring).
+        docstring), or its own gradient clipping on several replicas.
     """
     if self.optimizer.weight_decay:
       raise ValueError(
           "Use COMLN(weight_decay=...) instead of the optimizer's "
           "weight_decay, which would also decay tau = log T.")
-    with tf.GradientTape() as tape:
-      logits, stats = self(data, training=True, return_stats=True)
-      loss = self.query_loss(data["query_labels"], logits)
-    variables = self.trainable_variables
-    gradients = tape.gradient(loss, variables)
-    self.optimizer.apply(self.regularized_gradients(gradients, variables),
-                         variables)
+    if (tf.distribute.get_strategy().num_replicas_in_sync > 1 and
+        (self.optimizer.clipnorm or self.optimizer.global_clipnorm)):
+      # Measured (Keras 3.15, MirroredStrategy): each replica's part is
+      # clipped before the optimizer sums them.
+      raise ValueError(
+          "The optimizer's clipnorm/global_clipnorm clips each replica's "
+          "part of the gradient separately under tf.distribute, not the "
+          "gradient. Remove it, or meta-train with comln_tf.training "
+          "(launch.train --clip_norm), which clips the summed gradient.")
+    loss, logits, stats, gradients = self.replica_gradients(data)
+    self.optimizer.apply(gradients, self.trainable_variables)
     return self._update_metrics(data, logits, loss, stats)
 
   def test_step(self, data):

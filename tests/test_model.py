@@ -1,6 +1,10 @@
 """Tests of comln_tf.model.COMLN: call, training, weight decay, saving."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -199,3 +203,67 @@ def test_bad_arguments():
     COMLN("vgg", GradientFlowClassifier(WAYS))
   with pytest.raises(ValueError, match="weight_decay"):
     COMLN("conv4", GradientFlowClassifier(WAYS), weight_decay=-1.0)
+
+
+# model.fit under MirroredStrategy on 2 logical CPUs, in a fresh process
+# (logical devices must be set before TensorFlow initializes). Prints the
+# single-device and mirrored updates of one SGD step and the error of an
+# optimizer with clipnorm.
+_MIRRORED_FIT_SCRIPT = """
+import json
+import sys
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+sys.path.insert(0, sys.argv[1])
+from test_model import _conv4_model, _episodes
+
+episodes = tf.data.Dataset.from_tensors(_episodes(4))
+keras.utils.set_random_seed(0)
+initial = _conv4_model()
+initial(next(iter(episodes)))
+
+
+def sgd_update(strategy, **optimizer_args):
+  with strategy.scope():
+    model = _conv4_model(weight_decay=0.05)
+    model(next(iter(episodes)))
+    model.set_weights(initial.get_weights())
+    model.compile(optimizer=keras.optimizers.SGD(0.1, **optimizer_args))
+  before = [v.numpy() for v in model.trainable_variables]
+  model.fit(episodes, shuffle=False, verbose=0)
+  return np.concatenate([(v.numpy() - b).ravel() for v, b in
+                         zip(model.trainable_variables, before)])
+
+
+single = sgd_update(tf.distribute.get_strategy())
+mirrored_strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+mirrored = sgd_update(mirrored_strategy)
+try:
+  sgd_update(mirrored_strategy, clipnorm=1.0)
+  clip_error = None
+except ValueError as error:
+  clip_error = str(error)
+print(json.dumps({"single": float(np.linalg.norm(single)),
+                  "difference": float(np.linalg.norm(mirrored - single)),
+                  "clip_error": clip_error}))
+"""
+
+
+def test_fit_under_mirrored_strategy_matches_one_device():
+  # Each replica adapts to 2 of the 4 tasks; the optimizer sums the
+  # replicas' parts. Without the 1/R in replica_gradients the mirrored
+  # update would be twice the single-device one (and the L2 term, here
+  # 0.05, counted twice).
+  result = subprocess.run(
+      [sys.executable, "-c", _MIRRORED_FIT_SCRIPT, os.path.dirname(__file__)],
+      capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  measured = json.loads(result.stdout.strip().splitlines()[-1])
+  assert measured["single"] > 1e-2
+  assert measured["difference"] <= 1e-4 * measured["single"], measured
+  assert "clipnorm" in measured["clip_error"]
+  assert "--clip_norm" in measured["clip_error"]

@@ -162,12 +162,12 @@ _METRICS = ("loss", "accuracy", "num_evals", "grad_norm")
 def make_train_step(model, optimizer, step, strategy, totals, clip_norm=None):
   """The compiled meta-training step.
 
-  Each replica adapts to its slice of the meta-batch and computes the
-  gradient of its mean query loss plus the L2 term, and contributes 1/R of
-  it (R replicas). The optimizer sums the contributions over replicas, so
-  it applies the gradient of the mean loss over the global meta-batch (all
-  slices have B/R episodes: the mean of the slice means is the global
-  mean, i.e. the sum of per-replica loss sums over B) plus the L2 term
+  Each replica adapts to its slice of the meta-batch and contributes its
+  part of the meta-gradient (`COMLN.replica_gradients`: 1/R of the
+  gradient of its mean query loss plus the L2 term, R replicas). The
+  optimizer sums the parts over replicas, so it applies the gradient of
+  the mean loss over the global meta-batch (all slices have B/R episodes:
+  the mean of the slice means is the global mean) plus the L2 term
   counted once.
 
   The global norm of that gradient is computed from an all-reduced copy
@@ -191,23 +191,15 @@ def make_train_step(model, optimizer, step, strategy, totals, clip_norm=None):
     step, updates `step` and `totals`, returns nothing (no host
     round-trip).
   """
-  num_replicas = strategy.num_replicas_in_sync
 
   def replica_step(batch):
-    with tf.GradientTape() as tape:
-      logits, stats = model(batch, training=True, return_stats=True)
-      loss = model.query_loss(batch["query_labels"], logits)
-    variables = model.trainable_variables
-    gradients = model.regularized_gradients(tape.gradient(loss, variables),
-                                            variables)
-    # 1/R of this replica's gradient: the optimizer sums over replicas.
-    gradients = [g / num_replicas for g in gradients]
+    loss, logits, stats, gradients = model.replica_gradients(batch)
     grad_norm = tf.linalg.global_norm(tf.distribute.get_replica_context(
     ).all_reduce(tf.distribute.ReduceOp.SUM, gradients))
     if clip_norm is not None:
       scale = tf.minimum(1.0, clip_norm / grad_norm)
       gradients = [g * scale for g in gradients]
-    optimizer.apply(gradients, variables)
+    optimizer.apply(gradients, model.trainable_variables)
     correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32),
                        tf.cast(batch["query_labels"], tf.int32))
     return {"loss": loss,
