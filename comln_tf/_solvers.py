@@ -177,8 +177,9 @@ class Dopri5(Solver):
     1e-6 and the cap puts the first step at 1e-4 whatever the problem:
     every gradient flow here starts from zero (s and its sensitivities), so
     every solve spent three extra steps (18 evaluations) growing from 1e-4
-    (at most 10x per step). From a zero state h1 is used alone; the error
-    control still rejects a first step that is too large.
+    (at most 10x per step). From a zero state h1 is used alone, computed
+    from |f0|; the error control still rejects a first step that is too
+    large.
     """
     scale = self._scale(y0)
     ratio = lambda a, s: a / s
@@ -192,10 +193,13 @@ class Dopri5(Solver):
     f1 = vector_field(y1)
     d2 = _rms_per_task(
         tf.nest.map_structure(lambda a, b, s: (a - b) / s, f1, f0, scale)) / h0
-    d12 = tf.maximum(d1, d2)
+    zero_state = d0 < 1e-5
+    # From a zero state only |f0| sets h1: d2 is a difference of nearly
+    # equal values of f over the 1e-6 probe, a few float32 ulps, and would
+    # make the step sequence depend on rounding.
+    d12 = tf.where(zero_state, d1, tf.maximum(d1, d2))
     h1 = tf.where(d12 <= 1e-15, tf.maximum(tf.constant(1e-6, dtype), h0 * 1e-3),
                   (0.01 / tf.maximum(d12, 1e-15))**0.2)
-    zero_state = d0 < 1e-5
     h = tf.where(zero_state, h1, tf.minimum(100.0 * h0, h1))
     return tf.minimum(h, t_final)
 
