@@ -83,11 +83,11 @@ def _keras_weights(model, support, labels, num_ways=None):
                                 num_ways=num_ways)[0].numpy()
 
 
-def _assert_outputs(outputs, logits):
+def _assert_outputs(outputs, logits, atol=TOLERANCE):
   """Checks logits, probabilities and classes against Keras logits [Q, N]."""
-  np.testing.assert_allclose(outputs["logits"], logits, atol=TOLERANCE)
+  np.testing.assert_allclose(outputs["logits"], logits, atol=atol)
   np.testing.assert_allclose(outputs["probabilities"],
-                             tf.nn.softmax(logits).numpy(), atol=TOLERANCE)
+                             tf.nn.softmax(logits).numpy(), atol=atol)
   np.testing.assert_array_equal(outputs["classes"], logits.argmax(-1))
   assert outputs["classes"].dtype == np.int64
 
@@ -419,11 +419,15 @@ def test_export_model_cli(tmp_path):
   assert info["step"] == 7 and info["ways"] == 5 and info["tie_init_rows"]
   assert info["t_final"] == pytest.approx(1.5)
   support, labels, query = _task(3, 2, 4)
+  # Here the served graph and eager Keras can take different dopri5 steps
+  # (a step decision within rounding of its threshold), so they agree to
+  # the solve's accuracy at its default rtol = atol = 1e-5 rather than to
+  # rounding: 2e-5 apart on these logits in a CI run (measured).
   _assert_outputs(
       _serve(session.SessionModel(export_dir), "serving_default",
              support_images=support, support_labels=labels,
              query_images=query),
-      _keras_logits(model, support, labels, query))
+      _keras_logits(model, support, labels, query), atol=2e-4)
   # No best checkpoint (the run never validated): a clear error, no export.
   failed = _run(command + ["--checkpoint=best"], repo, succeed=False)
   assert "No best checkpoint" in failed.stderr
