@@ -419,10 +419,11 @@ def test_export_model_cli(tmp_path):
   assert info["step"] == 7 and info["ways"] == 5 and info["tie_init_rows"]
   assert info["t_final"] == pytest.approx(1.5)
   support, labels, query = _task(3, 2, 4)
-  # Here the served graph and eager Keras can take different dopri5 steps
-  # (a step decision within rounding of its threshold), so they agree to
-  # the solve's accuracy at its default rtol = atol = 1e-5 rather than to
-  # rounding: 2e-5 apart on these logits in a CI run (measured).
+  # Here the served graph and eager Keras agree to the solve's accuracy
+  # (default rtol = atol = 1e-5), not to rounding: 2e-5 apart on these
+  # logits in a CI run, against < 1e-5 before dopri5's first-step change.
+  # Likely cause (not isolated): a step decision that rounding tips
+  # differently in the two executions.
   _assert_outputs(
       _serve(session.SessionModel(export_dir), "serving_default",
              support_images=support, support_labels=labels,
