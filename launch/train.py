@@ -87,6 +87,11 @@ flags.DEFINE_float("momentum", _D["momentum"], "Momentum of SGD.")
 flags.DEFINE_bool("nesterov", _D["nesterov"], "Nesterov momentum for SGD.")
 flags.DEFINE_float("weight_decay", _D["weight_decay"],
                    "L2 coefficient on the backbone and W0 (never on T).")
+flags.DEFINE_string("init_from", _D["init_from"],
+                    "model_dir of a finished run: start from the weights of "
+                    "its best checkpoint (backbone, W0, T) with a fresh "
+                    "optimizer and step, e.g. to train on with a new "
+                    "schedule (use another --seed for new episodes).")
 flags.DEFINE_integer("seed", _D["seed"],
                      "Seed of the initial weights and of the episodes.")
 flags.DEFINE_integer("validate_every", _D["validate_every"],

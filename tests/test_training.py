@@ -226,3 +226,44 @@ def test_cli_refuses_to_resume_with_other_flags(reference_run):
   assert "Traceback" not in result.stderr
   assert (reference_run / "config.json").read_text() == before
   assert json.loads(before)["ways"] == 5
+
+
+def test_init_from_starts_from_the_best_model_with_a_fresh_optimizer(
+    tmp_path, reference_run):
+  # One step at a learning rate of 1e-12 leaves the float32 weights where
+  # they started: those of the reference run's best checkpoint, not the
+  # seed's initial weights (the same seed as the reference run).
+  model_dir = tmp_path / "warm"
+  args = [f"--model_dir={model_dir}", f"--init_from={reference_run}",
+          "--steps=1", "--validate_every=0", "--learning_rate=1e-12",
+          "--seed=3"] + list(cli_helpers.TINY_ARGS)
+  result = cli_helpers.run("launch.train", args, timeout=240)
+  assert result.returncode == 0, result.stderr[-3000:]
+  best = training.checkpoint_path(str(reference_run), "best")
+  assert f"Initialized the model from {best}" in result.stderr
+  assert training.load_config(model_dir)["init_from"] == str(reference_run)
+  actual = cli_helpers.model_values(training.checkpoint_path(str(model_dir)))
+  expected = cli_helpers.model_values(best)
+  assert actual.pop("step/.ATTRIBUTES/VARIABLE_VALUE") == 1
+  expected.pop("step/.ATTRIBUTES/VARIABLE_VALUE")
+  cli_helpers.assert_same_values(actual, expected, rtol=1e-6)
+  iterations = [value for name, value in cli_helpers.checkpoint_values(
+      training.checkpoint_path(str(model_dir))).items()
+                if name.startswith("optimizer/_iterations")]
+  assert iterations == [1]
+
+
+def test_init_from_errors_name_the_flag(tmp_path, reference_run):
+  for extra, message in [
+      ([f"--init_from={tmp_path}/nothing"],
+       f"--init_from={tmp_path}/nothing: No config.json"),
+      ([f"--init_from={reference_run}", "--ways=4"],
+       f"--init_from={reference_run} holds a model of another architecture: "
+       f"--ways=4 (there: 5)")]:
+    model_dir = tmp_path / "run"
+    args = [f"--model_dir={model_dir}"] + list(cli_helpers.TINY_ARGS) + extra
+    result = cli_helpers.run("launch.train", args, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not (model_dir / "config.json").exists()

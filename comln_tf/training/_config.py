@@ -63,6 +63,9 @@ DEFAULTS = {
     "nesterov": True,
     "weight_decay": 5e-4,
     "seed": 0,
+    # Start from the model of another run's best checkpoint (its model_dir);
+    # the optimizer, schedule and step start fresh (None: new weights).
+    "init_from": None,
     # Validation (picks the best checkpoint; 0 disables it).
     "validate_every": 500,
     "validation_episodes": 200,
@@ -160,6 +163,10 @@ def validate_config(config):
     raise ConfigError("--jit_compile and --tasks_per_solve cannot be combined "
                       "(the gradient of the grouped solve cannot leave an XLA "
                       "function); use one of them.")
+  if config["init_from"] is not None and not (
+      isinstance(config["init_from"], str) and config["init_from"]):
+    raise ConfigError(f"--init_from must be the model_dir of a training run; "
+                      f"got {config['init_from']!r}.")
   if config["devices"] and config["strategy"] != "mirrored":
     raise ConfigError(f"--devices is for --strategy=mirrored only; got "
                       f"--strategy={config['strategy']}.")

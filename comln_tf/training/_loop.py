@@ -127,6 +127,8 @@ def prepare_run(config, model_dir, strategy):
   config = {**config, "example_shape": example_shape}
   if saved is not None:
     _config.check_resume(saved, config, model_dir)
+  if config["init_from"] is not None:
+    _models.init_checkpoint(config)
   if _distribute.is_chief(strategy):
     _config.save_config(model_dir, config)
   return config, splits
@@ -255,7 +257,11 @@ class _Saver:
 
 
 def _restore(state, model_dir):
-  """Restores the latest checkpoint of model_dir, if any; returns the step."""
+  """Restores the latest checkpoint of model_dir, if any; returns the step.
+
+  A resumed run continues from its own checkpoint, whether or not it
+  started with --init_from.
+  """
   path = tf.train.latest_checkpoint(model_dir)
   if path is None:
     return 0
@@ -438,6 +444,11 @@ def train(config, model_dir, strategy=None, progress=True):
   saver = _Saver(state.checkpoint, model_dir, strategy,
                  config["keep_checkpoints"])
   start = _restore(state, model_dir)
+  if not start and config["init_from"] is not None:
+    path = _models.init_checkpoint(config)
+    _models.initialize_from(state.model, path)
+    _LOG.info("Initialized the model from %s (T %.4g).", path,
+              float(state.model.classifier.t_final))
   steps, batch_size = config["steps"], config["meta_batch_size"]
   if start >= steps:
     _LOG.info("Nothing to do: the run is at step %d, --steps=%d.", start,

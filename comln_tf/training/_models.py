@@ -8,6 +8,7 @@ import tensorflow as tf
 from comln_tf import backbones
 from comln_tf.layers import GradientFlowClassifier
 from comln_tf.model import COMLN
+from comln_tf.training._config import ConfigError
 from comln_tf.training._config import load_config
 
 BEST_DIR = "best"
@@ -157,9 +158,47 @@ def model_from_checkpoint(config, path, jit_compile=False):
         f"does not track layers kept in lists).")
   model = build_model(config, jit_compile=jit_compile)
   # Only the model: the optimizer and step in the checkpoint are not needed.
+  initialize_from(model, path)
+  return model
+
+
+# What the shapes of a model's variables depend on.
+_ARCHITECTURE_KEYS = ("backbone", "example_shape", "tie_init_rows")
+
+
+def init_checkpoint(config):
+  """The checkpoint that initializes a run with --init_from, checked.
+
+  Args:
+    config: a configuration with example_shape and init_from (a model_dir).
+
+  Returns:
+    str, the best checkpoint of config["init_from"].
+
+  Raises:
+    ConfigError: naming --init_from: no run or no best checkpoint there, or
+      a model of another architecture (backbone, example shape, tied rows;
+      the number of ways unless the rows are tied).
+  """
+  init_from = config["init_from"]
+  try:
+    saved = load_config(init_from)
+    path = checkpoint_path(init_from, "best")
+  except FileNotFoundError as error:
+    raise ConfigError(f"--init_from={init_from}: {error}") from error
+  keys = _ARCHITECTURE_KEYS + (() if config["tie_init_rows"] else ("ways",))
+  differences = [f"--{key}={config[key]!r} (there: {saved.get(key)!r})"
+                 for key in keys if saved.get(key) != config[key]]
+  if differences:
+    raise ConfigError(f"--init_from={init_from} holds a model of another "
+                      f"architecture: {'; '.join(differences)}.")
+  return path
+
+
+def initialize_from(model, path):
+  """Sets the model's weights to those of checkpoint `path` (model only)."""
   status = make_checkpoint(model).restore(path)
   status.expect_partial().assert_existing_objects_matched()
-  return model
 
 
 def restore_model(model_dir, which="latest"):
