@@ -180,6 +180,10 @@ class Dopri5(Solver):
     (at most 10x per step). From a zero state h1 is used alone, computed
     from |f0|; the error control still rejects a first step that is too
     large.
+
+    Returns:
+      (h [B], the number of evaluations made: 1 for the probe f(y0 + h0 f0),
+      0 when every task starts from zero and the probe is not needed).
     """
     scale = self._scale(y0)
     ratio = lambda a, s: a / s
@@ -189,19 +193,24 @@ class Dopri5(Solver):
     small = (d0 < 1e-5) | (d1 < 1e-5)
     h0 = tf.where(small, tf.constant(1e-6, dtype),
                   0.01 * d0 / tf.where(small, tf.ones_like(d1), d1))
-    y1 = _combine(y0, h0, (1.0,), (f0,))
-    f1 = vector_field(y1)
-    d2 = _rms_per_task(
-        tf.nest.map_structure(lambda a, b, s: (a - b) / s, f1, f0, scale)) / h0
     zero_state = d0 < 1e-5
+
+    def probe():
+      f1 = vector_field(_combine(y0, h0, (1.0,), (f0,)))
+      return _rms_per_task(tf.nest.map_structure(
+          lambda a, b, s: (a - b) / s, f1, f0, scale)) / h0
+
     # From a zero state only |f0| sets h1: d2 is a difference of nearly
     # equal values of f over the 1e-6 probe, a few float32 ulps, and would
-    # make the step sequence depend on rounding.
+    # make the step sequence depend on rounding. So the probe runs only if
+    # some task does not start from zero.
+    all_zero = tf.reduce_all(zero_state)
+    d2 = tf.cond(all_zero, lambda: tf.zeros_like(d1), probe)
     d12 = tf.where(zero_state, d1, tf.maximum(d1, d2))
     h1 = tf.where(d12 <= 1e-15, tf.maximum(tf.constant(1e-6, dtype), h0 * 1e-3),
                   (0.01 / tf.maximum(d12, 1e-15))**0.2)
     h = tf.where(zero_state, h1, tf.minimum(100.0 * h0, h1))
-    return tf.minimum(h, t_final)
+    return tf.minimum(h, t_final), tf.where(all_zero, 0, 1)
 
   def integrate(self, vector_field, y0, t_final, max_steps):
     leaf0 = tf.nest.flatten(y0)[0]
@@ -211,8 +220,9 @@ class Dopri5(Solver):
     stop = tf.stop_gradient
     stop_nest = lambda nest: tf.nest.map_structure(stop, nest)
     f0 = vector_field(y0)
-    h_init = stop(self._initial_step(vector_field, stop_nest(y0),
-                                     stop_nest(f0), stop(t_final)))
+    h_init, probe_evals = self._initial_step(
+        vector_field, stop_nest(y0), stop_nest(f0), stop(t_final))
+    h_init = stop(h_init)
     t_init = tf.zeros([batch], dtype)
 
     def active(t):
@@ -257,7 +267,7 @@ class Dopri5(Solver):
     steps, t_end, _, y_end, _ = tf.while_loop(
         cond, body, (tf.constant(0), t_init, h_init, y0, f0),
         maximum_iterations=max_steps)
-    stats = SolveStats(num_evals=2 + 6 * steps, num_steps=steps,
+    stats = SolveStats(num_evals=1 + probe_evals + 6 * steps, num_steps=steps,
                        finished=tf.reduce_all(t_end >= t_final))
     return y_end, stats
 
