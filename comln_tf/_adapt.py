@@ -137,8 +137,10 @@ def adapt(init_weights,
     t_final: scalar > 0, the integration time T.
     method: how the gradient is computed: "forward" (forward-mode
       sensitivities, memory independent of T), "backprop" (through the solver
-      steps), "adjoint" (continuous adjoint), or a `GradientMethod` instance
-      such as `Forward(tangent_field="accumulator")`.
+      steps; rtol/atol control the state, not this gradient, which can be
+      far off at large T), "adjoint" (continuous adjoint), or a
+      `GradientMethod` instance such as
+      `Forward(tangent_field="accumulator")`.
     solver: "dopri5" (adaptive, rtol/atol, step control per task), "rk4" or
       "euler" (fixed step, `num_steps` steps), or a `Solver` instance.
     rtol: relative tolerance of "dopri5".
