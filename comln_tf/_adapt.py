@@ -137,10 +137,12 @@ def adapt(init_weights,
     t_final: scalar > 0, the integration time T.
     method: how the gradient is computed: "forward" (forward-mode
       sensitivities, memory independent of T), "backprop" (through the solver
-      steps; rtol/atol control the state, not this gradient, which can be
-      far off at large T), "adjoint" (continuous adjoint), or a
-      `GradientMethod` instance such as
-      `Forward(tangent_field="accumulator")`.
+      steps, memory growing with them; the step control also watches one
+      probe tangent, which keeps this gradient accurate at large T), "adjoint"
+      (continuous adjoint, inaccurate at large T), or a `GradientMethod`
+      instance such as `Forward(tangent_field="accumulator")` or
+      `Backprop(tangent_control=False)` (a plain solve of the state, for
+      adapting without a gradient).
     solver: "dopri5" (adaptive, rtol/atol, step control per task), "rk4" or
       "euler" (fixed step, `num_steps` steps), or a `Solver` instance.
     rtol: relative tolerance of "dopri5".

@@ -11,6 +11,11 @@ from comln_tf import _adapt
 from comln_tf import _gradient_methods
 from comln_tf import _solvers
 
+# Adaptation without a meta-gradient (inference, evaluation, serving): the
+# solve of s alone, the cheapest; the probe tangent of Backprop's step
+# control matters only to a gradient.
+_PLAIN_SOLVE = _gradient_methods.Backprop(tangent_control=False)
+
 
 @keras.saving.register_keras_serializable(package="comln_tf")
 class GradientFlowClassifier(keras.layers.Layer):
@@ -173,7 +178,7 @@ class GradientFlowClassifier(keras.layers.Layer):
           self.label_smoothing / tf.cast(num_ways, support_embeddings.dtype))
       # Out-of-range labels give all-zero rows, which adapt rejects.
     options = dict(
-        method=self.method if training else "backprop", solver=self.solver,
+        method=self.method if training else _PLAIN_SOLVE, solver=self.solver,
         rtol=self.rtol, atol=self.atol, max_steps=self.max_steps,
         num_steps=self.num_steps, tasks_per_solve=self.tasks_per_solve,
         return_stats=True)

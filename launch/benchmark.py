@@ -26,8 +26,13 @@ import time
 from absl import app
 from absl import flags
 
-_METHODS = flags.DEFINE_list("methods", ["forward", "backprop", "adjoint"],
-                             "Gradient methods to compare.")
+from launch import workloads
+
+_METHODS = flags.DEFINE_list(
+    "methods", ["forward", "backprop", "adjoint"],
+    "Gradient methods to compare: forward, backprop, adjoint, or "
+    "backprop_plain (backprop with the step control on the state alone, "
+    "comln_tf.Backprop(tangent_control=False)).")
 _SHOTS = flags.DEFINE_list("shots", ["5", "1"], "Shots per class.")
 _T_FINALS = flags.DEFINE_list("t_finals", ["1", "10", "100", "1000"],
                               "Integration times T.")
@@ -52,44 +57,13 @@ _OUTPUT = flags.DEFINE_string("output", None,
                               "Also write the results as JSON here.")
 
 
-def make_workload(tasks, ways, shots, queries, size, seed=0):
-  """Synthetic embeddings with class structure, like a backbone's output.
-
-  Non-negative (post-ReLU) features: x = relu(mu_class + noise) / sqrt(d)
-  * 4, so |x|^2 is about 6 and tasks are separable but not trivially.
-
-  Returns:
-    dict of numpy arrays: init_weights [N, d], support [B, N k, d],
-    support_labels [B, N k], queries [B, N q, d], query_labels [B, N q].
-  """
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(seed)
-  means = rng.normal(size=(tasks, ways, 1, size))
-
-  def draw(count):
-    noise = rng.normal(size=(tasks, ways, count, size))
-    features = np.maximum(means + noise, 0.0) / np.sqrt(size) * 4.0
-    labels = np.broadcast_to(np.arange(ways)[None, :, None],
-                             (tasks, ways, count))
-    return (features.reshape(tasks, ways * count, size).astype(np.float32),
-            labels.reshape(tasks, ways * count).astype(np.int32))
-
-  support, support_labels = draw(shots)
-  query, query_labels = draw(queries)
-  init_weights = (rng.normal(size=(ways, size)) / np.sqrt(ways)).astype(
-      np.float32)
-  return dict(init_weights=init_weights, support=support,
-              support_labels=support_labels, queries=query,
-              query_labels=query_labels)
-
-
 def run_case(case):
   """Times one (method, shots, T) case in this process; returns a dict."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import comln_tf  # pylint: disable=g-import-not-at-top
 
-  data = make_workload(case["tasks"], case["ways"], case["shots"],
+  data = workloads.make_workload(case["tasks"], case["ways"], case["shots"],
                        case["queries"], case["embedding_size"])
   inputs = [tf.constant(data[k]) for k in ("init_weights", "support",
                                            "queries")]
@@ -101,7 +75,7 @@ def run_case(case):
       tape.watch([init_weights, support, queries, t_final])
       weights, stats = comln_tf.adapt(
           init_weights, support, data["support_labels"], t_final,
-          method=case["method"], rtol=1e-5, atol=1e-5,
+          method=workloads.method_for(case["method"]), rtol=1e-5, atol=1e-5,
           max_steps=case["max_steps"],
           tasks_per_solve=case["tasks_per_solve"] or None, return_stats=True)
       logits = tf.matmul(queries, weights, transpose_b=True)
