@@ -158,10 +158,10 @@ class Backprop(GradientMethod):
                solver, max_steps):
     logits0, gram = _logits_and_gram(init_weights, support_embeddings)
     s0 = _zero_state(support_embeddings, labels)
+    field_of = lambda s: _reduced.reduced_vector_field(s, logits0, gram,
+                                                       labels)
     if not self.tangent_control:
-      s_final, stats = solver.integrate(
-          lambda s: _reduced.reduced_vector_field(s, logits0, gram, labels),
-          s0, t_final, max_steps)
+      s_final, stats = solver.integrate(field_of, s0, t_final, max_steps)
       return _weights_from_state(init_weights, support_embeddings,
                                  s_final), stats
     fixed_logits0, fixed_gram = _unwatched(logits0, gram)
@@ -183,8 +183,7 @@ class Backprop(GradientMethod):
             fixed_s, fixed_logits0, fixed_gram, labels)
       # tf.stop_gradient on the JVP too: without it tf2xla fails to build
       # the gradient of the solver's conditional around this function.
-      return (_reduced.reduced_vector_field(s, logits0, gram, labels),
-              tf.stop_gradient(accumulator.jvp(fixed_field)))
+      return field_of(s), tf.stop_gradient(accumulator.jvp(fixed_field))
 
     (s_final, _), stats = solver.integrate(vector_field, (s0, s0), t_final,
                                            max_steps)

@@ -64,7 +64,7 @@ def run_case(case):
   import comln_tf  # pylint: disable=g-import-not-at-top
 
   data = workloads.make_workload(case["tasks"], case["ways"], case["shots"],
-                       case["queries"], case["embedding_size"])
+                                 case["queries"], case["embedding_size"])
   inputs = [tf.constant(data[k]) for k in ("init_weights", "support",
                                            "queries")]
   t_final = tf.constant(float(case["t_final"]), tf.float32)
