@@ -26,6 +26,7 @@ import time
 from absl import app
 from absl import flags
 
+import launch
 from launch import workloads
 
 _METHODS = flags.DEFINE_list(
@@ -56,6 +57,9 @@ _MAX_STEPS = flags.DEFINE_integer(
 _OUTPUT = flags.DEFINE_string("output", None,
                               "Also write the results as JSON here.")
 
+launch.require_choices(_METHODS, workloads.METHODS)
+launch.require_positive_list(_SHOTS, int)
+launch.require_positive_list(_T_FINALS)
 
 def run_case(case):
   """Times one (method, shots, T) case in this process; returns a dict."""

@@ -39,7 +39,8 @@ flags.DEFINE_string("data_dir", None,
                     "Where the dataset is (default: the run's).")
 flags.DEFINE_string("output", None,
                     "JSON file of the results (default: --model_dir/"
-                    "evaluation_<split>_<checkpoint>_<ways>w<shots>s.json).")
+                    "evaluation_<split>_<checkpoint>_<ways>w<shots>s<queries>q"
+                    ".json).")
 flags.mark_flag_as_required("model_dir")
 
 FLAGS = flags.FLAGS

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 import comln_tf
+import launch
 from launch import workloads
 
 _METHODS = flags.DEFINE_list(
@@ -49,6 +50,9 @@ _TIED = flags.DEFINE_bool("tied_init", True,
                           "W0 = 0, as with --tie_init_rows in training.")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", 100_000, "Solver step bound.")
 
+launch.require_choices(_METHODS, workloads.METHODS)
+launch.require_positive_list(_TOLERANCES)
+launch.require_positive_list(_T_FINALS)
 
 def support_gradient(workload, task, t_final, method, tolerance, dtype,
                      max_steps):

@@ -7,6 +7,9 @@ step control on the state alone, to compare with the default.
 
 import numpy as np
 
+# The names a --methods flag accepts.
+METHODS = ("forward", "backprop", "adjoint", "backprop_plain")
+
 
 def make_workload(tasks, ways, shots, queries, size, seed=0, shared_mean=0.0,
                   noise=1.0, tied_init=False):

@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 from scipy import integrate
 
+import cli_helpers
 import comln_tf
 from comln_tf import _reduced
 from comln_tf import _solvers
@@ -197,6 +198,20 @@ def test_gradient_accuracy_tool_measures_the_error():
   assert errors["forward"][0] < 0.05 and errors["backprop"][0] < 0.05, errors
   assert errors["backprop_plain"][0] > 1.0, errors
   assert all(num_evals > 0 for _, num_evals in errors.values())
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("launch.benchmark", ["--t_finals=1,ten"], "--t_finals="),
+    ("launch.benchmark", ["--shots=1.5"], "--shots="),
+    ("launch.benchmark", ["--methods=forwrd"], "--methods="),
+    ("launch.gradient_accuracy", ["--tolerances=0"], "--tolerances="),
+])
+def test_benchmark_clis_name_a_bad_list_flag(module, args, message):
+  result = cli_helpers.run(module, args, timeout=120)
+  assert result.returncode != 0
+  assert message in result.stderr and "expected a comma-separated list" in (
+      result.stderr)
+  assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("method_name", ["forward", "backprop"])

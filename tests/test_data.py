@@ -74,6 +74,34 @@ def test_omniglot_splits_are_disjoint_by_alphabet(omniglot):
         assert split.images.min() == 0 and split.images.max() == 255
 
 
+def test_omniglot_character_split(omniglot, cache_dir):
+    characters = data.load_splits("omniglot_characters", cache_dir=cache_dir)
+    assert tuple(split.num_classes for split in characters) == (
+        data.OMNIGLOT_CHARACTER_SPLIT) == (1028, 172, 423)
+    # Every character once, with exactly its images in the alphabet split.
+    by_name = {name: split.class_examples(c) for split in omniglot
+               for c, name in enumerate(split.class_names)}
+    names = [name for split in characters for name in split.class_names]
+    assert sorted(names) == sorted(by_name)
+    for split in characters:
+        assert split.dataset == "omniglot_characters"
+        for c, name in enumerate(split.class_names):
+            np.testing.assert_array_equal(split.class_examples(c),
+                                          by_name[name])
+    # The protocol's point: test characters share alphabets with training
+    # characters, and come from background and evaluation alphabets alike.
+    train = {_alphabet(name) for name in characters.train.class_names}
+    test = {_alphabet(name) for name in characters.test.class_names}
+    assert len(train & test) == 50
+    assert len(test & {_alphabet(n) for n in omniglot.test.class_names}) == 20
+    # The split is fixed (seeded shuffle): these names on every machine.
+    assert characters.test.class_names[:3] == (
+        "Alphabet_of_the_Magi_0", "Alphabet_of_the_Magi_1",
+        "Alphabet_of_the_Magi_11")
+    assert characters.validation.class_names[:2] == (
+        "Alphabet_of_the_Magi_19", "Alphabet_of_the_Magi_8")
+
+
 def test_omniglot_cache_is_used(omniglot, cache_dir, monkeypatch):
     import tensorflow_datasets as tfds
 

@@ -77,8 +77,8 @@ def test_evaluate_run_writes_its_results_as_json(run_dir, omniglot_test):
   results = training.evaluate_run(str(run_dir), which="latest",
                                    num_episodes=9, batch_size=4)
   assert results["output"] == str(
-      run_dir / "evaluation_test_latest_5w1s.json")
-  assert json.loads((run_dir / "evaluation_test_latest_5w1s.json")
+      run_dir / "evaluation_test_latest_5w1s3q.json")
+  assert json.loads((run_dir / "evaluation_test_latest_5w1s3q.json")
                     .read_text()) == results
   assert results["step"] == STEP and results["episodes"] == 9
   assert (results["ways"], results["shots"], results["queries"]) == (5, 1, 3)

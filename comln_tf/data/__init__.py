@@ -4,6 +4,8 @@ Public API:
   load_splits: the disjoint train / validation / test classes of a source.
   available_sources: names of the sources load_splits knows.
   OMNIGLOT_VALIDATION_ALPHABETS: background alphabets held out for validation.
+  OMNIGLOT_CHARACTER_SPLIT: train / validation / test character counts of
+    the "omniglot_characters" source.
   ClassSet, Splits: examples grouped by class, and the three splits.
   meta_batches: endless, seeded stream of meta-batches of N-way k-shot
     q-query episodes (resumable at any batch, sliceable per replica).
@@ -25,12 +27,14 @@ from comln_tf.data._episodes import check_episode_args
 from comln_tf.data._episodes import distributed_meta_batches
 from comln_tf.data._episodes import eval_episodes
 from comln_tf.data._episodes import meta_batches
+from comln_tf.data._sources import OMNIGLOT_CHARACTER_SPLIT
 from comln_tf.data._sources import OMNIGLOT_VALIDATION_ALPHABETS
 from comln_tf.data._sources import available_sources
 from comln_tf.data._sources import load_splits
 
 __all__ = [
     "ClassSet", "Splits", "check_episode_args", "distributed_meta_batches",
-    "eval_episodes", "meta_batches", "OMNIGLOT_VALIDATION_ALPHABETS",
+    "eval_episodes", "meta_batches", "OMNIGLOT_CHARACTER_SPLIT",
+    "OMNIGLOT_VALIDATION_ALPHABETS",
     "available_sources", "load_splits",
 ]

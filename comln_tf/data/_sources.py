@@ -24,6 +24,15 @@ from comln_tf.data._episodes import check_int
 OMNIGLOT_VALIDATION_ALPHABETS = (
     "Bengali", "Futurama", "Hebrew", "Korean", "Tifinagh")
 
+# Class counts of "omniglot_characters" (train, validation, test): those of
+# Vinyals et al. (2016)'s character split as Snell et al. (2017) distribute it
+# (1,200 training characters, of which 172 validate, and 423 test).
+OMNIGLOT_CHARACTER_SPLIT = (1028, 172, 423)
+
+# Seed of the shuffle that assigns characters to the "omniglot_characters"
+# splits; fixed, so every run and machine has the same split.
+_OMNIGLOT_CHARACTER_SEED = 0
+
 # Version of the TFDS omniglot dataset; part of the cache file name.
 _OMNIGLOT_VERSION = "3.0.0"
 
@@ -156,6 +165,17 @@ def _omniglot_arrays(data_dir, image_size, cache_dir):
     return arrays
 
 
+def _omniglot(data_dir, image_size, cache_dir):
+    """`_omniglot_arrays` after checking and defaulting the arguments."""
+    if data_dir is not None:
+        data_dir = str(_require_dir(data_dir, "omniglot",
+                                    "TFDS's prepared 'omniglot' dataset"))
+    if cache_dir is None:
+        cache_dir = os.environ.get("COMLN_TF_CACHE_DIR", _DEFAULT_CACHE_DIR)
+    cache_dir = str(pathlib.Path(cache_dir).expanduser().resolve())
+    return _omniglot_arrays(data_dir, image_size or 28, cache_dir)
+
+
 def _load_omniglot(data_dir, image_size, cache_dir=None):
     """Omniglot from TFDS ("omniglot"), resized to 28x28 by default.
 
@@ -172,14 +192,7 @@ def _load_omniglot(data_dir, image_size, cache_dir=None):
         cache_dir: folder for the decoded-array cache; default
             `$COMLN_TF_CACHE_DIR`, else ~/.cache/comln_tf.
     """
-    if data_dir is not None:
-        data_dir = str(_require_dir(data_dir, "omniglot",
-                                    "TFDS's prepared 'omniglot' dataset"))
-    if cache_dir is None:
-        cache_dir = os.environ.get("COMLN_TF_CACHE_DIR", _DEFAULT_CACHE_DIR)
-    cache_dir = str(pathlib.Path(cache_dir).expanduser().resolve())
-    arrays = _omniglot_arrays(data_dir, image_size or 28, cache_dir)
-
+    arrays = _omniglot(data_dir, image_size, cache_dir)
     images, classes, alphabets = arrays["train"]
     held_out = np.isin(alphabets, OMNIGLOT_VALIDATION_ALPHABETS)
     test_images, test_classes, _ = arrays["test"]
@@ -190,6 +203,41 @@ def _load_omniglot(data_dir, image_size, cache_dir=None):
                              dataset="omniglot", split="validation"),
         ClassSet.from_labels(test_images, test_classes,
                              dataset="omniglot", split="test"))
+
+
+def _load_omniglot_characters(data_dir, image_size, cache_dir=None):
+    """Omniglot split by character, as Vinyals et al. (2016) and MAML.
+
+    The 1,623 characters of both TFDS splits are pooled and shuffled with a
+    fixed seed; OMNIGLOT_CHARACTER_SPLIT gives how many go to train,
+    validation and test. Unlike "omniglot", a test character's alphabet
+    usually has characters in training too, which makes the test easier:
+    this is the protocol of the published Omniglot results (MAML,
+    Prototypical Networks). It is not Vinyals' exact list of characters,
+    which is a file outside TFDS; only the sizes are the same.
+
+    Args: as `_load_omniglot`.
+    """
+    arrays = _omniglot(data_dir, image_size, cache_dir)
+    images = np.concatenate([arrays[split][0] for split in ("train", "test")])
+    classes = np.concatenate([arrays[split][1] for split in ("train", "test")])
+    names = np.unique(classes)
+    if len(names) != sum(OMNIGLOT_CHARACTER_SPLIT):
+        raise ValueError(
+            f"dataset 'omniglot_characters' expects "
+            f"{sum(OMNIGLOT_CHARACTER_SPLIT)} characters in TFDS omniglot; "
+            f"found {len(names)}")
+    shuffled = names[np.random.default_rng(
+        _OMNIGLOT_CHARACTER_SEED).permutation(len(names))]
+    ends = np.cumsum(OMNIGLOT_CHARACTER_SPLIT)
+    sets = []
+    for split, start, end in zip(("train", "validation", "test"),
+                                 ends - OMNIGLOT_CHARACTER_SPLIT, ends):
+        chosen = np.isin(classes, shuffled[start:end])
+        sets.append(ClassSet.from_labels(
+            images[chosen], classes[chosen], dataset="omniglot_characters",
+            split=split))
+    return Splits(*sets)
 
 
 def _load_image_folder(data_dir, image_size, channels=3):
@@ -319,6 +367,7 @@ _SOURCES = {
     "image_folder": _load_image_folder,
     "metaoptnet_pickle": _load_metaoptnet_pickle,
     "omniglot": _load_omniglot,
+    "omniglot_characters": _load_omniglot_characters,
 }
 
 
@@ -335,6 +384,10 @@ def load_splits(name="omniglot", data_dir=None, image_size=None, *,
         "omniglot": TFDS omniglot; background alphabets for train, minus
             OMNIGLOT_VALIDATION_ALPHABETS for validation; evaluation
             alphabets for test; 28x28x1. Option `cache_dir`.
+        "omniglot_characters": the same images split by character
+            (OMNIGLOT_CHARACTER_SPLIT: 1,028 / 172 / 423 characters drawn
+            from all alphabets, a fixed shuffle), the protocol of Vinyals
+            et al. and MAML. Option `cache_dir`.
         "image_folder": `data_dir/{train,val,test}/<class>/*.png|jpg|jpeg`,
             resized (default 84). Option `channels` (1 or 3, default 3).
         "metaoptnet_pickle": MetaOptNet's miniImageNet pickles or

@@ -13,10 +13,10 @@ from comln_tf.training._config import load_config
 SPLITS = ("test", "validation")
 
 
-def default_output(model_dir, which, split, ways, shots):
-  """model_dir/evaluation_<split>_<which>_<ways>w<shots>s.json."""
-  return os.path.join(model_dir,
-                      f"evaluation_{split}_{which}_{ways}w{shots}s.json")
+def default_output(model_dir, which, split, ways, shots, queries):
+  """model_dir/evaluation_<split>_<which>_<ways>w<shots>s<queries>q.json."""
+  return os.path.join(
+      model_dir, f"evaluation_{split}_{which}_{ways}w{shots}s{queries}q.json")
 
 
 def evaluate_run(model_dir, *, which="best", split="test", num_episodes=1000,
@@ -81,7 +81,8 @@ def evaluate_run(model_dir, *, which="best", split="test", num_episodes=1000,
       model, class_set, ways=ways, shots=shots, queries=queries,
       num_episodes=num_episodes, seed=seed,
       batch_size=batch_size or config["meta_batch_size"])
-  output = output or default_output(model_dir, which, split, ways, shots)
+  if not output:
+    output = default_output(model_dir, which, split, ways, shots, queries)
   results.update(checkpoint=path, step=step, model_dir=model_dir,
                  output=output)
   evaluation.write_json(output, results)
