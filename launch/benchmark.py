@@ -61,6 +61,7 @@ launch.require_choices(_METHODS, workloads.METHODS)
 launch.require_positive_list(_SHOTS, int)
 launch.require_positive_list(_T_FINALS)
 
+
 def run_case(case):
   """Times one (method, shots, T) case in this process; returns a dict."""
   import numpy as np  # pylint: disable=g-import-not-at-top

@@ -54,6 +54,7 @@ launch.require_choices(_METHODS, workloads.METHODS)
 launch.require_positive_list(_TOLERANCES)
 launch.require_positive_list(_T_FINALS)
 
+
 def support_gradient(workload, task, t_final, method, tolerance, dtype,
                      max_steps):
   """Gradient of one task's query loss w.r.t. its support embeddings.
