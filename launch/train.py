@@ -50,6 +50,9 @@ flags.DEFINE_enum("backbone", _D["backbone"], training.BACKBONES,
                   "Embedding network (identity for precomputed features).")
 flags.DEFINE_float("initial_t", _D["initial_t"],
                    "Initial integration time T (learned as log T).")
+flags.DEFINE_bool("train_t", _D["train_t"],
+                  "Meta-learn T; --notrain_t keeps T at --initial_t, also "
+                  "with --init_from.")
 flags.DEFINE_bool("tie_init_rows", _D["tie_init_rows"],
                   "One shared initial row of W0 (any number of ways).")
 flags.DEFINE_float("label_smoothing", _D["label_smoothing"],

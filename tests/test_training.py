@@ -64,6 +64,11 @@ def test_check_resume_names_differing_flags_and_allows_resumable_ones():
     training.check_resume(saved, {**saved, "ways": 20, "seed": 1}, "dir")
   assert "--ways=20" in str(error.value) and "--seed=1" in str(error.value)
   assert "--steps" not in str(error.value)
+  # A run saved before a flag existed ran with its default.
+  older = {key: value for key, value in saved.items() if key != "train_t"}
+  training.check_resume(older, saved, "dir")
+  with pytest.raises(training.ConfigError, match="--train_t=False"):
+    training.check_resume(older, {**saved, "train_t": False}, "dir")
 
 
 def test_smoke_training_loss_falls_and_beats_chance(reference_run):
@@ -267,3 +272,27 @@ def test_init_from_errors_name_the_flag(tmp_path, reference_run):
     assert message in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert not (model_dir / "config.json").exists()
+
+
+def test_notrain_t_keeps_t_at_initial_t_with_init_from(tmp_path,
+                                                       reference_run):
+  # The reference run learned its T from 1; this run starts from its model
+  # but must hold T at exactly 2.5 while the other weights train.
+  model_dir = tmp_path / "fixed_t"
+  args = [f"--model_dir={model_dir}", f"--init_from={reference_run}",
+          "--notrain_t", "--initial_t=2.5", "--steps=2",
+          "--validate_every=0", "--seed=3"] + list(cli_helpers.TINY_ARGS)
+  result = cli_helpers.run("launch.train", args, timeout=240)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "(T 2.5, fixed)" in result.stderr
+  reference = cli_helpers.model_values(
+      training.checkpoint_path(str(reference_run), "best"))
+  actual = cli_helpers.model_values(training.checkpoint_path(str(model_dir)))
+  # The only scalar of the model is log T.
+  [log_t] = [name for name, value in reference.items()
+             if np.shape(value) == () and name.startswith("model_variables")]
+  assert abs(np.exp(reference[log_t]) - 2.5) > 1e-3
+  assert actual[log_t] == np.float32(np.log(2.5))
+  trained = [name for name in reference if name != log_t and
+             np.any(actual[name] != reference[name])]
+  assert trained, "no weight changed in two steps"

@@ -37,6 +37,9 @@ DEFAULTS = {
     # Model.
     "backbone": "conv4",
     "initial_t": 1.0,
+    # Meta-learn T. False: T stays at initial_t for the whole run, also with
+    # init_from (the loaded run's T is replaced).
+    "train_t": True,
     "tie_init_rows": False,
     "label_smoothing": 0.0,
     "method": "forward",
@@ -241,8 +244,10 @@ def check_resume(saved, config, model_dir):
   differences = [
       f"--{key}={config.get(key)!r} (saved run: {saved.get(key)!r})"
       for key in sorted(set(saved) | set(config))
+      # A key missing from the saved run is one added later: the run used
+      # its default.
       if key not in RESUMABLE_KEYS and key in config and
-      saved.get(key) != config.get(key)
+      saved.get(key, DEFAULTS.get(key)) != config.get(key)
   ]
   if differences:
     raise ConfigError(

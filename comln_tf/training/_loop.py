@@ -447,8 +447,11 @@ def train(config, model_dir, strategy=None, progress=True):
   if not start and config["init_from"] is not None:
     path = _models.init_checkpoint(config)
     _models.initialize_from(state.model, path)
-    _LOG.info("Initialized the model from %s (T %.4g).", path,
-              float(state.model.classifier.t_final))
+    if not config["train_t"]:
+      state.model.classifier.log_t.assign(math.log(config["initial_t"]))
+    _LOG.info("Initialized the model from %s (T %.4g%s).", path,
+              float(state.model.classifier.t_final),
+              "" if config["train_t"] else ", fixed")
   steps, batch_size = config["steps"], config["meta_batch_size"]
   if start >= steps:
     _LOG.info("Nothing to do: the run is at step %d, --steps=%d.", start,
