@@ -37,10 +37,13 @@ flags.DEFINE_integer("batch_size", None,
                      "meta-batch size).")
 flags.DEFINE_string("data_dir", None,
                     "Where the dataset is (default: the run's).")
+flags.DEFINE_float("t_final", None,
+                   "Adapt up to this T instead of the learned one (e.g. a T "
+                   "chosen with --split=validation).")
 flags.DEFINE_string("output", None,
                     "JSON file of the results (default: --model_dir/"
                     "evaluation_<split>_<checkpoint>_<ways>w<shots>s<queries>q"
-                    ".json).")
+                    "[_t<t_final>].json).")
 flags.mark_flag_as_required("model_dir")
 
 FLAGS = flags.FLAGS
@@ -54,12 +57,13 @@ def main(argv):
         num_episodes=FLAGS.episodes, seed=FLAGS.seed, ways=FLAGS.ways,
         shots=FLAGS.shots, queries=FLAGS.queries,
         batch_size=FLAGS.batch_size, data_dir=FLAGS.data_dir,
-        output=FLAGS.output)
+        output=FLAGS.output, t_final=FLAGS.t_final)
   except training.ConfigError as error:
     sys.exit(f"error: {error}")
   print(f"{results['split']} accuracy, {results['ways']}-way "
         f"{results['shots']}-shot, {results['episodes']} episodes, step "
-        f"{results['step']}: {100 * results['accuracy']:.2f}% +- "
+        f"{results['step']}, T {results['t_final']:.6g}: "
+        f"{100 * results['accuracy']:.2f}% +- "
         f"{100 * results['ci95']:.2f}% (95% CI); written to "
         f"{results['output']}")
 

@@ -91,10 +91,32 @@ def test_evaluate_run_writes_its_results_as_json(run_dir, omniglot_test):
   assert results["ci95"] == pytest.approx(direct["ci95"], abs=1e-12)
 
 
+def test_evaluate_run_adapts_up_to_the_given_t(run_dir, omniglot_test):
+  # The run's T is its initial 1; at T = 1e-3 the classifier barely leaves
+  # its random W0, so the accuracies differ from those at T = 1.
+  results = training.evaluate_run(str(run_dir), which="latest",
+                                   num_episodes=9, batch_size=4, t_final=1e-3)
+  assert results["output"] == str(
+      run_dir / "evaluation_test_latest_5w1s3q_t0.001.json")
+  assert results["t_final"] == pytest.approx(1e-3, rel=1e-6)
+  model, _ = training.restore_model(str(run_dir))
+  episodes = data.eval_episodes(omniglot_test, ways=5, shots=1, queries=3,
+                                seed=evaluation.TEST_SEED, num_episodes=9)
+  learned = _direct_accuracies(model, episodes)
+  model.classifier.log_t.assign(math.log(1e-3))
+  direct = evaluation.summarize(_direct_accuracies(model, episodes))
+  assert direct["accuracy"] != pytest.approx(learned.mean(), abs=1e-3)
+  assert results["accuracy"] == pytest.approx(direct["accuracy"], abs=1e-12)
+  assert training.evaluate_run(str(run_dir), which="latest", num_episodes=1,
+                               batch_size=1)["t_final"] == pytest.approx(1.0)
+
+
 def test_evaluate_run_errors_name_the_flag(run_dir, tmp_path):
   for kwargs, flag in [({"which": "best"}, "--checkpoint=best"),
                        ({"ways": 6}, "--ways=6"),
-                       ({"shots": 15, "queries": 10}, "--shots=15")]:
+                       ({"shots": 15, "queries": 10}, "--shots=15"),
+                       ({"t_final": 0.0}, "--t_final must be a number > 0"),
+                       ({"t_final": float("nan")}, "--t_final .*got nan")]:
     with pytest.raises(training.ConfigError, match=flag):
       training.evaluate_run(str(run_dir), which=kwargs.pop("which", "latest"),
                             num_episodes=2, **kwargs)
@@ -130,3 +152,9 @@ def test_evaluate_cli_prints_and_writes_json(run_dir, tmp_path):
   assert missing.returncode != 0
   assert "--checkpoint=best" in missing.stderr
   assert "Traceback" not in missing.stderr
+  negative = cli_helpers.run(
+      "launch.evaluate", [f"--model_dir={run_dir}", "--checkpoint=latest",
+                          "--t_final=-1"], timeout=120)
+  assert negative.returncode != 0
+  assert "--t_final must be a number > 0; got -1.0" in negative.stderr
+  assert "Traceback" not in negative.stderr

@@ -1,5 +1,6 @@
 """Evaluating a trained run from its model_dir (the test protocol)."""
 
+import math
 import os
 
 import tensorflow as tf
@@ -13,15 +14,22 @@ from comln_tf.training._config import load_config
 SPLITS = ("test", "validation")
 
 
-def default_output(model_dir, which, split, ways, shots, queries):
-  """model_dir/evaluation_<split>_<which>_<ways>w<shots>s<queries>q.json."""
+def default_output(model_dir, which, split, ways, shots, queries,
+                   t_final=None):
+  """model_dir/evaluation_<split>_<which>_<ways>w<shots>s<queries>q.json.
+
+  With t_final, "_t<t_final>" before ".json".
+  """
+  suffix = "" if t_final is None else f"_t{t_final:g}"
   return os.path.join(
-      model_dir, f"evaluation_{split}_{which}_{ways}w{shots}s{queries}q.json")
+      model_dir,
+      f"evaluation_{split}_{which}_{ways}w{shots}s{queries}q{suffix}.json")
 
 
 def evaluate_run(model_dir, *, which="best", split="test", num_episodes=1000,
                  seed=evaluation.TEST_SEED, ways=None, shots=None,
-                 queries=None, batch_size=None, data_dir=None, output=None):
+                 queries=None, batch_size=None, data_dir=None, output=None,
+                 t_final=None):
   """Evaluates a run's checkpoint on fixed episodes and writes the JSON.
 
   Args:
@@ -36,11 +44,13 @@ def evaluate_run(model_dir, *, which="best", split="test", num_episodes=1000,
     batch_size: episodes per model call (default: the run's meta-batch).
     data_dir: where the dataset is (default: the run's).
     output: JSON file (default: `default_output(...)` in model_dir).
+    t_final: adapt up to this T instead of the checkpoint's learned T (None:
+      the learned one), e.g. a T chosen on the validation split.
 
   Returns:
     dict: "accuracy" and "ci95" (fractions), "episodes", "ways", "shots",
-    "queries", "seed", "split", "checkpoint" (its path), "step" and
-    "output" (where the JSON was written).
+    "queries", "seed", "split", "checkpoint" (its path), "step", "t_final"
+    (the T used) and "output" (where the JSON was written).
 
   Raises:
     ConfigError: naming the flag: no run or no such checkpoint in
@@ -55,6 +65,10 @@ def evaluate_run(model_dir, *, which="best", split="test", num_episodes=1000,
   for name, value in (("episodes", num_episodes), ("batch_size", batch_size)):
     if value is not None and (not isinstance(value, int) or value < 1):
       raise ConfigError(f"--{name} must be an integer >= 1; got {value!r}.")
+  if t_final is not None and (
+      isinstance(t_final, bool) or not isinstance(t_final, (int, float)) or
+      not 0 < t_final < math.inf):
+    raise ConfigError(f"--t_final must be a number > 0; got {t_final!r}.")
   try:
     config = load_config(model_dir)
     path = _models.checkpoint_path(model_dir, which)
@@ -66,6 +80,8 @@ def evaluate_run(model_dir, *, which="best", split="test", num_episodes=1000,
   except (FileNotFoundError, ValueError, tf.errors.NotFoundError) as error:
     raise ConfigError(f"--model_dir={model_dir} --checkpoint={which}: "
                       f"{error}") from error
+  if t_final is not None:
+    model.classifier.log_t.assign(math.log(t_final))
   ways = ways or config["ways"]
   shots = shots or config["shots"]
   queries = queries or config["queries"]
@@ -82,8 +98,9 @@ def evaluate_run(model_dir, *, which="best", split="test", num_episodes=1000,
       num_episodes=num_episodes, seed=seed,
       batch_size=batch_size or config["meta_batch_size"])
   if not output:
-    output = default_output(model_dir, which, split, ways, shots, queries)
+    output = default_output(model_dir, which, split, ways, shots, queries,
+                            t_final)
   results.update(checkpoint=path, step=step, model_dir=model_dir,
-                 output=output)
+                 t_final=float(model.classifier.t_final), output=output)
   evaluation.write_json(output, results)
   return results
