@@ -137,6 +137,10 @@ class GradientFlowClassifier(keras.layers.Layer):
     """T = exp(tau), scalar tensor."""
     return tf.exp(tf.convert_to_tensor(self.log_t))
 
+  def assign_t_final(self, t_final):
+    """Sets T (a float > 0); stored as tau = log T."""
+    self.log_t.assign(math.log(t_final))
+
   def _initial_weights(self, support_embeddings, support_labels, num_ways):
     if not self.tie_init_rows:
       return tf.convert_to_tensor(self.init_weights), self.num_ways

@@ -56,7 +56,8 @@ def test_make_config_names_the_bad_flag():
     training.make_config(wayz=5)
 
 
-def test_check_resume_names_differing_flags_and_allows_resumable_ones():
+def test_check_resume_names_differing_flags_and_allows_resumable_ones(
+    tmp_path):
   saved = training.make_config(example_shape=[28, 28, 1])
   training.check_resume(saved, {**saved, "steps": 10, "strategy": "mirrored"},
                         "dir")
@@ -65,7 +66,9 @@ def test_check_resume_names_differing_flags_and_allows_resumable_ones():
   assert "--ways=20" in str(error.value) and "--seed=1" in str(error.value)
   assert "--steps" not in str(error.value)
   # A run saved before a flag existed ran with its default.
-  older = {key: value for key, value in saved.items() if key != "train_t"}
+  training.save_config(str(tmp_path), {
+      key: value for key, value in saved.items() if key != "train_t"})
+  older = training.load_config(str(tmp_path))
   training.check_resume(older, saved, "dir")
   with pytest.raises(training.ConfigError, match="--train_t=False"):
     training.check_resume(older, {**saved, "train_t": False}, "dir")

@@ -217,7 +217,8 @@ def load_config(model_dir):
     model_dir: str, a run's directory.
 
   Returns:
-    dict, the saved configuration.
+    dict, the saved configuration; keys added to DEFAULTS after the run was
+    saved get their defaults, which are what the run used.
 
   Raises:
     FileNotFoundError: no config.json in model_dir.
@@ -227,7 +228,7 @@ def load_config(model_dir):
     raise FileNotFoundError(f"No {CONFIG_FILE} in model_dir {model_dir!r}: "
                             f"not the model_dir of a training run.")
   with tf.io.gfile.GFile(path) as f:
-    return json.load(f)
+    return {**DEFAULTS, **json.load(f)}
 
 
 def check_resume(saved, config, model_dir):
@@ -244,10 +245,8 @@ def check_resume(saved, config, model_dir):
   differences = [
       f"--{key}={config.get(key)!r} (saved run: {saved.get(key)!r})"
       for key in sorted(set(saved) | set(config))
-      # A key missing from the saved run is one added later: the run used
-      # its default.
       if key not in RESUMABLE_KEYS and key in config and
-      saved.get(key, DEFAULTS.get(key)) != config.get(key)
+      saved.get(key) != config.get(key)
   ]
   if differences:
     raise ConfigError(

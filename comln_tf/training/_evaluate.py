@@ -74,14 +74,13 @@ def evaluate_run(model_dir, *, which="best", split="test", num_episodes=1000,
     path = _models.checkpoint_path(model_dir, which)
     # At once: a live run may replace its best or old checkpoints.
     step = _models.checkpoint_step(path)
-    # Runs saved before the jit_compile flag existed do not have it.
     model = _models.model_from_checkpoint(
-        config, path, jit_compile=config.get("jit_compile", False))
+        config, path, jit_compile=config["jit_compile"])
   except (FileNotFoundError, ValueError, tf.errors.NotFoundError) as error:
     raise ConfigError(f"--model_dir={model_dir} --checkpoint={which}: "
                       f"{error}") from error
   if t_final is not None:
-    model.classifier.log_t.assign(math.log(t_final))
+    model.classifier.assign_t_final(t_final)
   ways = ways or config["ways"]
   shots = shots or config["shots"]
   queries = queries or config["queries"]

@@ -448,7 +448,7 @@ def train(config, model_dir, strategy=None, progress=True):
     path = _models.init_checkpoint(config)
     _models.initialize_from(state.model, path)
     if not config["train_t"]:
-      state.model.classifier.log_t.assign(math.log(config["initial_t"]))
+      state.model.classifier.assign_t_final(config["initial_t"])
     _LOG.info("Initialized the model from %s (T %.4g%s).", path,
               float(state.model.classifier.t_final),
               "" if config["train_t"] else ", fixed")

@@ -34,8 +34,7 @@ def build_model(config, jit_compile=False):
       # can adapt to tasks with any number of ways.
       num_ways=None if config["tie_init_rows"] else config["ways"],
       initial_t=config["initial_t"],
-      # Runs saved before the train_t flag existed learned T.
-      train_t=config.get("train_t", True),
+      train_t=config["train_t"],
       method=config["method"],
       solver=config["solver"],
       rtol=config["rtol"],
