@@ -102,6 +102,37 @@ def test_omniglot_character_split(omniglot, cache_dir):
         "Alphabet_of_the_Magi_19", "Alphabet_of_the_Magi_8")
 
 
+def test_omniglot_vinyals_split(omniglot, cache_dir):
+    vinyals = data.load_splits("omniglot_vinyals", cache_dir=cache_dir)
+    assert tuple(split.num_classes for split in vinyals) == (1028, 172, 423)
+    by_name = {name: split.class_examples(c) for split in omniglot
+               for c, name in enumerate(split.class_names)}
+    names = [name for split in vinyals for name in split.class_names]
+    assert sorted(names) == sorted(by_name)
+    for split in vinyals:
+        assert split.dataset == "omniglot_vinyals"
+        for c, name in enumerate(split.class_names):
+            np.testing.assert_array_equal(split.class_examples(c),
+                                          by_name[name])
+    # Snell et al.'s list files: validation is five whole background
+    # alphabets; test is twelve whole evaluation alphabets plus Gurmukhi's
+    # character42..45 (0-based 41..44 in TFDS), whose first 41 train.
+    assert {_alphabet(n) for n in vinyals.validation.class_names} == {
+        "Armenian", "Bengali", "Early_Aramaic", "Hebrew",
+        "Mkhedruli_(Georgian)"}
+    test_alphabets = {_alphabet(n) for n in vinyals.test.class_names}
+    assert test_alphabets == set(data.VINYALS_TEST_ALPHABETS) | {"Gurmukhi"}
+    assert sorted(n for n in vinyals.test.class_names
+                  if n.startswith("Gurmukhi")) == [
+                      "Gurmukhi_41", "Gurmukhi_42", "Gurmukhi_43",
+                      "Gurmukhi_44"]
+    train_alphabets = {_alphabet(n) for n in vinyals.train.class_names}
+    assert train_alphabets & test_alphabets == {"Gurmukhi"}
+    assert len(train_alphabets) == 50 - 5 - 12
+    assert sum(n.startswith("Gurmukhi") for n in vinyals.train.class_names
+               ) == 41
+
+
 def test_omniglot_cache_is_used(omniglot, cache_dir, monkeypatch):
     import tensorflow_datasets as tfds
 

@@ -5,7 +5,9 @@ Public API:
   available_sources: names of the sources load_splits knows.
   OMNIGLOT_VALIDATION_ALPHABETS: background alphabets held out for validation.
   OMNIGLOT_CHARACTER_SPLIT: train / validation / test character counts of
-    the "omniglot_characters" source.
+    the "omniglot_characters" and "omniglot_vinyals" sources.
+  VINYALS_VALIDATION_ALPHABETS, VINYALS_TEST_ALPHABETS: the alphabets of
+    "omniglot_vinyals"'s validation and test classes.
   ClassSet, Splits: examples grouped by class, and the three splits.
   meta_batches: endless, seeded stream of meta-batches of N-way k-shot
     q-query episodes (resumable at any batch, sliceable per replica).
@@ -29,12 +31,15 @@ from comln_tf.data._episodes import eval_episodes
 from comln_tf.data._episodes import meta_batches
 from comln_tf.data._sources import OMNIGLOT_CHARACTER_SPLIT
 from comln_tf.data._sources import OMNIGLOT_VALIDATION_ALPHABETS
+from comln_tf.data._sources import VINYALS_TEST_ALPHABETS
+from comln_tf.data._sources import VINYALS_VALIDATION_ALPHABETS
 from comln_tf.data._sources import available_sources
 from comln_tf.data._sources import load_splits
 
 __all__ = [
     "ClassSet", "Splits", "check_episode_args", "distributed_meta_batches",
     "eval_episodes", "meta_batches", "OMNIGLOT_CHARACTER_SPLIT",
-    "OMNIGLOT_VALIDATION_ALPHABETS",
+    "OMNIGLOT_VALIDATION_ALPHABETS", "VINYALS_TEST_ALPHABETS",
+    "VINYALS_VALIDATION_ALPHABETS",
     "available_sources", "load_splits",
 ]

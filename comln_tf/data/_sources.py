@@ -33,6 +33,20 @@ OMNIGLOT_CHARACTER_SPLIT = (1028, 172, 423)
 # splits; fixed, so every run and machine has the same split.
 _OMNIGLOT_CHARACTER_SEED = 0
 
+# Vinyals et al. (2016)'s split, as the list files of Snell et al. (2017)
+# give it (data/omniglot/splits/vinyals/{val,test}.txt): validation is five
+# background alphabets (172 characters); test is twelve evaluation alphabets
+# and the last four Gurmukhi characters (423: character42-45 in Omniglot's
+# folders, "Gurmukhi_41".."Gurmukhi_44" in TFDS's 0-based names); training
+# is the other 1,028 characters.
+VINYALS_VALIDATION_ALPHABETS = (
+    "Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)")
+VINYALS_TEST_ALPHABETS = (
+    "Kannada", "Keble", "Malayalam", "Manipuri", "Mongolian",
+    "Old_Church_Slavonic_(Cyrillic)", "Oriya", "Sylheti", "Syriac_(Serto)",
+    "Tengwar", "Tibetan", "ULOG")
+_VINYALS_TEST_CHARACTERS = tuple(f"Gurmukhi_{i}" for i in range(41, 45))
+
 # Version of the TFDS omniglot dataset; part of the cache file name.
 _OMNIGLOT_VERSION = "3.0.0"
 
@@ -205,39 +219,85 @@ def _load_omniglot(data_dir, image_size, cache_dir=None):
                              dataset="omniglot", split="test"))
 
 
+def _omniglot_pooled(data_dir, image_size, cache_dir):
+    """All 1,623 Omniglot characters, both TFDS splits pooled.
+
+    Returns:
+        (images uint8 [n, size, size, 1], class names [n], alphabet names
+        [n]).
+
+    Raises:
+        ValueError: TFDS omniglot does not hold the expected characters.
+    """
+    arrays = _omniglot(data_dir, image_size, cache_dir)
+    pooled = tuple(np.concatenate([arrays[split][field]
+                                   for split in ("train", "test")])
+                   for field in range(3))
+    found = len(np.unique(pooled[1]))
+    if found != sum(OMNIGLOT_CHARACTER_SPLIT):
+        raise ValueError(
+            f"Omniglot split by character expects "
+            f"{sum(OMNIGLOT_CHARACTER_SPLIT)} characters in TFDS omniglot; "
+            f"found {found}")
+    return pooled
+
+
+def _character_splits(images, classes, is_split, dataset):
+    """Splits of pooled Omniglot from boolean masks over the examples.
+
+    Args:
+        images, classes: pooled examples and their class names ([n]).
+        is_split: (train, validation, test) boolean masks [n], disjoint.
+        dataset: name recorded in the ClassSets.
+    """
+    return Splits(*(
+        ClassSet.from_labels(images[mask], classes[mask], dataset=dataset,
+                             split=split)
+        for split, mask in zip(("train", "validation", "test"), is_split)))
+
+
 def _load_omniglot_characters(data_dir, image_size, cache_dir=None):
-    """Omniglot split by character, as Vinyals et al. (2016) and MAML.
+    """Omniglot split by character, in the way of MAML (a random draw).
 
     The 1,623 characters of both TFDS splits are pooled and shuffled with a
     fixed seed; OMNIGLOT_CHARACTER_SPLIT gives how many go to train,
-    validation and test. Unlike "omniglot", a test character's alphabet
-    usually has characters in training too, which makes the test easier:
-    this is the protocol of the published Omniglot results (MAML,
-    Prototypical Networks). It is not Vinyals' exact list of characters,
-    which is a file outside TFDS; only the sizes are the same.
+    validation and test (the sizes of Vinyals' split). As in MAML's code,
+    which shuffles the character folders with a fixed seed, a test
+    character's alphabet usually has characters in training too, which
+    makes the test easier than "omniglot" and "omniglot_vinyals".
 
     Args: as `_load_omniglot`.
     """
-    arrays = _omniglot(data_dir, image_size, cache_dir)
-    images = np.concatenate([arrays[split][0] for split in ("train", "test")])
-    classes = np.concatenate([arrays[split][1] for split in ("train", "test")])
+    images, classes, _ = _omniglot_pooled(data_dir, image_size, cache_dir)
     names = np.unique(classes)
-    if len(names) != sum(OMNIGLOT_CHARACTER_SPLIT):
-        raise ValueError(
-            f"dataset 'omniglot_characters' expects "
-            f"{sum(OMNIGLOT_CHARACTER_SPLIT)} characters in TFDS omniglot; "
-            f"found {len(names)}")
     shuffled = names[np.random.default_rng(
         _OMNIGLOT_CHARACTER_SEED).permutation(len(names))]
     ends = np.cumsum(OMNIGLOT_CHARACTER_SPLIT)
-    sets = []
-    for split, start, end in zip(("train", "validation", "test"),
-                                 ends - OMNIGLOT_CHARACTER_SPLIT, ends):
-        chosen = np.isin(classes, shuffled[start:end])
-        sets.append(ClassSet.from_labels(
-            images[chosen], classes[chosen], dataset="omniglot_characters",
-            split=split))
-    return Splits(*sets)
+    return _character_splits(
+        images, classes,
+        [np.isin(classes, shuffled[start:end])
+         for start, end in zip(ends - OMNIGLOT_CHARACTER_SPLIT, ends)],
+        "omniglot_characters")
+
+
+def _load_omniglot_vinyals(data_dir, image_size, cache_dir=None):
+    """Omniglot in Vinyals et al. (2016)'s split (Prototypical Networks').
+
+    Validation: VINYALS_VALIDATION_ALPHABETS; test: VINYALS_TEST_ALPHABETS
+    and Gurmukhi's last four characters; train: the rest (1,028 / 172 / 423
+    characters, OMNIGLOT_CHARACTER_SPLIT). The test is almost an alphabet
+    split: only Gurmukhi has characters on both sides.
+
+    Args: as `_load_omniglot`.
+    """
+    images, classes, alphabets = _omniglot_pooled(data_dir, image_size,
+                                                  cache_dir)
+    test = (np.isin(alphabets, VINYALS_TEST_ALPHABETS)
+            | np.isin(classes, _VINYALS_TEST_CHARACTERS))
+    validation = np.isin(alphabets, VINYALS_VALIDATION_ALPHABETS)
+    return _character_splits(images, classes,
+                             [~(test | validation), validation, test],
+                             "omniglot_vinyals")
 
 
 def _load_image_folder(data_dir, image_size, channels=3):
@@ -368,6 +428,7 @@ _SOURCES = {
     "metaoptnet_pickle": _load_metaoptnet_pickle,
     "omniglot": _load_omniglot,
     "omniglot_characters": _load_omniglot_characters,
+    "omniglot_vinyals": _load_omniglot_vinyals,
 }
 
 
@@ -386,8 +447,12 @@ def load_splits(name="omniglot", data_dir=None, image_size=None, *,
             alphabets for test; 28x28x1. Option `cache_dir`.
         "omniglot_characters": the same images split by character
             (OMNIGLOT_CHARACTER_SPLIT: 1,028 / 172 / 423 characters drawn
-            from all alphabets, a fixed shuffle), the protocol of Vinyals
-            et al. and MAML. Option `cache_dir`.
+            from all alphabets, a fixed shuffle), as MAML's code splits
+            them. Option `cache_dir`.
+        "omniglot_vinyals": the same images in Vinyals et al.'s split,
+            as Prototypical Networks distribute it (1,028 / 172 / 423
+            characters; test: VINYALS_TEST_ALPHABETS and four Gurmukhi
+            characters). Option `cache_dir`.
         "image_folder": `data_dir/{train,val,test}/<class>/*.png|jpg|jpeg`,
             resized (default 84). Option `channels` (1 or 3, default 3).
         "metaoptnet_pickle": MetaOptNet's miniImageNet pickles or
