@@ -74,20 +74,24 @@ def test_omniglot_splits_are_disjoint_by_alphabet(omniglot):
         assert split.images.min() == 0 and split.images.max() == 255
 
 
+def _assert_same_characters(splits, omniglot, dataset):
+    """Every character of `omniglot` once in `splits`, with its images."""
+    by_name = {name: split.class_examples(c) for split in omniglot
+               for c, name in enumerate(split.class_names)}
+    names = [name for split in splits for name in split.class_names]
+    assert sorted(names) == sorted(by_name)
+    for split in splits:
+        assert split.dataset == dataset
+        for c, name in enumerate(split.class_names):
+            np.testing.assert_array_equal(split.class_examples(c),
+                                          by_name[name])
+
+
 def test_omniglot_character_split(omniglot, cache_dir):
     characters = data.load_splits("omniglot_characters", cache_dir=cache_dir)
     assert tuple(split.num_classes for split in characters) == (
         data.OMNIGLOT_CHARACTER_SPLIT) == (1028, 172, 423)
-    # Every character once, with exactly its images in the alphabet split.
-    by_name = {name: split.class_examples(c) for split in omniglot
-               for c, name in enumerate(split.class_names)}
-    names = [name for split in characters for name in split.class_names]
-    assert sorted(names) == sorted(by_name)
-    for split in characters:
-        assert split.dataset == "omniglot_characters"
-        for c, name in enumerate(split.class_names):
-            np.testing.assert_array_equal(split.class_examples(c),
-                                          by_name[name])
+    _assert_same_characters(characters, omniglot, "omniglot_characters")
     # The protocol's point: test characters share alphabets with training
     # characters, and come from background and evaluation alphabets alike.
     train = {_alphabet(name) for name in characters.train.class_names}
@@ -105,15 +109,7 @@ def test_omniglot_character_split(omniglot, cache_dir):
 def test_omniglot_vinyals_split(omniglot, cache_dir):
     vinyals = data.load_splits("omniglot_vinyals", cache_dir=cache_dir)
     assert tuple(split.num_classes for split in vinyals) == (1028, 172, 423)
-    by_name = {name: split.class_examples(c) for split in omniglot
-               for c, name in enumerate(split.class_names)}
-    names = [name for split in vinyals for name in split.class_names]
-    assert sorted(names) == sorted(by_name)
-    for split in vinyals:
-        assert split.dataset == "omniglot_vinyals"
-        for c, name in enumerate(split.class_names):
-            np.testing.assert_array_equal(split.class_examples(c),
-                                          by_name[name])
+    _assert_same_characters(vinyals, omniglot, "omniglot_vinyals")
     # Snell et al.'s list files: validation is five whole background
     # alphabets; test is twelve whole evaluation alphabets plus Gurmukhi's
     # character42..45 (0-based 41..44 in TFDS), whose first 41 train.
