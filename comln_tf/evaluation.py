@@ -83,7 +83,7 @@ def summarize(accuracies):
 
 
 def evaluate(model, class_set, *, ways, shots, queries, num_episodes=1000,
-             seed=TEST_SEED, batch_size=16):
+             seed=TEST_SEED, batch_size=16, rotate_classes=False):
   """Mean accuracy and 95% interval of `model` on fixed episodes.
 
   Args:
@@ -93,20 +93,26 @@ def evaluate(model, class_set, *, ways, shots, queries, num_episodes=1000,
     num_episodes: number of episodes.
     seed: seed of the episodes (the default gives the standard test set).
     batch_size: episodes per model call.
+    rotate_classes: rotate each class of an episode by a random multiple of
+      90 degrees, as MAML's Omniglot evaluation does (see
+      `data.eval_episodes`).
 
   Returns:
-    dict of `summarize` plus ways, shots, queries, seed and split.
+    dict of `summarize` plus ways, shots, queries, seed, split and
+    rotate_classes.
 
   Raises:
     ValueError: the class set cannot make such episodes.
   """
   episodes = data.eval_episodes(class_set, ways=ways, shots=shots,
                                 queries=queries, seed=seed,
-                                num_episodes=num_episodes)
+                                num_episodes=num_episodes,
+                                rotate_classes=rotate_classes)
   accuracies = episode_accuracies(accuracy_function(model), episodes,
                                   batch_size)
   return {**summarize(accuracies), "ways": ways, "shots": shots,
-          "queries": queries, "seed": seed, "split": class_set.split}
+          "queries": queries, "seed": seed, "split": class_set.split,
+          "rotate_classes": rotate_classes}
 
 
 def write_json(path, value):

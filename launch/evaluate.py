@@ -40,10 +40,14 @@ flags.DEFINE_string("data_dir", None,
 flags.DEFINE_float("t_final", None,
                    "Adapt up to this T instead of the learned one (e.g. a T "
                    "chosen with --split=validation).")
+flags.DEFINE_bool("rotate_classes", False,
+                  "Rotate each class of an episode by a random multiple of 90 "
+                  "degrees, support and queries alike, as MAML's Omniglot "
+                  "evaluation does (square images only).")
 flags.DEFINE_string("output", None,
                     "JSON file of the results (default: --model_dir/"
                     "evaluation_<split>_<checkpoint>_<ways>w<shots>s<queries>q"
-                    "[_t<t_final>].json).")
+                    "[_t<t_final>][_rotated].json).")
 flags.mark_flag_as_required("model_dir")
 
 FLAGS = flags.FLAGS
@@ -57,11 +61,13 @@ def main(argv):
         num_episodes=FLAGS.episodes, seed=FLAGS.seed, ways=FLAGS.ways,
         shots=FLAGS.shots, queries=FLAGS.queries,
         batch_size=FLAGS.batch_size, data_dir=FLAGS.data_dir,
-        output=FLAGS.output, t_final=FLAGS.t_final)
+        output=FLAGS.output, t_final=FLAGS.t_final,
+        rotate_classes=FLAGS.rotate_classes)
   except training.ConfigError as error:
     sys.exit(f"error: {error}")
+  rotated = ", classes rotated" if results["rotate_classes"] else ""
   print(f"{results['split']} accuracy, {results['ways']}-way "
-        f"{results['shots']}-shot, {results['episodes']} episodes, step "
+        f"{results['shots']}-shot{rotated}, {results['episodes']} episodes, step "
         f"{results['step']}, T {results['t_final']:.6g}: "
         f"{100 * results['accuracy']:.2f}% +- "
         f"{100 * results['ci95']:.2f}% (95% CI); written to "

@@ -38,6 +38,10 @@ flags.DEFINE_integer("image_size", _D["image_size"],
 flags.DEFINE_bool("rotations", _D["rotations"],
                   "Add the 90/180/270-degree rotations of every training "
                   "class as new classes (Omniglot augmentation).")
+flags.DEFINE_bool("train_on_validation", _D["train_on_validation"],
+                  "Train on the train and validation classes together (a "
+                  "final training, as Prototypical Networks); needs "
+                  "--validate_every=0.")
 flags.DEFINE_integer("ways", _D["ways"], "Classes per episode (N).")
 flags.DEFINE_integer("shots", _D["shots"],
                      "Support examples per class (k).")

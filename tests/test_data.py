@@ -132,6 +132,36 @@ def test_omniglot_vinyals_split(omniglot, cache_dir):
                ) == 41
 
 
+def test_train_on_validation_trains_on_both_splits(omniglot, cache_dir):
+    merged = data.load_splits("omniglot_characters", cache_dir=cache_dir,
+                              rotations=True, train_on_validation=True)
+    characters = data.load_splits("omniglot_characters", cache_dir=cache_dir)
+    num_classes = characters.train.num_classes + (
+        characters.validation.num_classes)
+    assert merged.train.num_classes == 4 * num_classes == 4 * 1200
+    assert merged.train.split == "train"
+    # Each train or validation character, and each of its rotations, is one
+    # class of the merged set, with its images turned (np.rot90).
+    by_name = {name: split.class_examples(c)
+               for split in characters[:2]
+               for c, name in enumerate(split.class_names)}
+    names = merged.train.class_names
+    for r in range(4):
+        for c in range(num_classes):
+            name, rotation = names[r * num_classes + c].split("/")
+            assert rotation == f"rot{90 * r}"
+            if c % 97 == 0 or c == num_classes - 1:
+                np.testing.assert_array_equal(
+                    merged.train.class_examples(r * num_classes + c),
+                    np.rot90(by_name[name], r, axes=(1, 2)))
+    assert sorted(n.split("/")[0] for n in names[:num_classes]) == sorted(
+        by_name)
+    assert merged.validation.class_names == characters.validation.class_names
+    assert merged.test.class_names == characters.test.class_names
+    with pytest.raises(ValueError, match="share classes"):
+        characters.train.merged_with(characters.train, "train")
+
+
 def test_omniglot_cache_is_used(omniglot, cache_dir, monkeypatch):
     import tensorflow_datasets as tfds
 
@@ -225,6 +255,45 @@ def test_episodes_are_pinned_for_seed_and_index():
         _index_set([6] * 10), ways=3, shots=1, queries=1, seed=0), 1)
     assert _indices(episode["support_images"]).tolist() == [23, 30, 17]
     assert _indices(episode["query_images"]).tolist() == [22, 34, 16]
+
+
+def test_rotate_classes_turns_each_class_as_a_whole():
+    # Random 6x6 images: each of the four rotations of an image is distinct.
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(8), 5)
+    images = rng.uniform(size=(len(labels), 6, 6, 1)).astype(np.float32)
+    class_set = data.ClassSet.from_labels(images, labels, dataset="random",
+                                          split="test")
+    kwargs = dict(ways=4, shots=2, queries=3, seed=5, num_episodes=30)
+    plain = _take(data.eval_episodes(class_set, **kwargs), 30)
+    rotated = _take(data.eval_episodes(class_set, rotate_classes=True,
+                                       **kwargs), 30)
+    turns_seen, episodes_with_mixed_turns = set(), 0
+    for upright, turned in zip(plain, rotated):
+        turns = []
+        for label in range(4):
+            # The class's support then query images, upright and rotated.
+            original, result = (np.concatenate([
+                episode[f"{part}_images"][episode[f"{part}_labels"] == label]
+                for part in ("support", "query")])
+                for episode in (upright, turned))
+            # Support and queries of a class share one counter-clockwise
+            # turn (np.rot90 as the reference).
+            matching = [k for k in range(4) if np.array_equal(
+                result, np.rot90(original, k, axes=(1, 2)))]
+            assert len(matching) == 1
+            turns.append(matching[0])
+        for key in ("support_labels", "query_labels"):
+            np.testing.assert_array_equal(upright[key], turned[key])
+        turns_seen.update(turns)
+        episodes_with_mixed_turns += len(set(turns)) > 1
+    assert turns_seen == {0, 1, 2, 3}
+    # Each class draws its own turn, not one per episode.
+    assert episodes_with_mixed_turns > 20
+    with pytest.raises(ValueError, match=r"rotate_classes needs square "
+                       r"images .* shape \(1,\)"):
+        data.eval_episodes(_index_set([6] * 10), ways=3, shots=1, queries=1,
+                           seed=0, rotate_classes=True)
 
 
 def test_stream_is_deterministic_and_resumable(omniglot):

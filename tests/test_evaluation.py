@@ -12,6 +12,7 @@ import cli_helpers
 from comln_tf import data
 from comln_tf import evaluation
 from comln_tf import training
+from comln_tf.training import _evaluate
 
 STEP = 7
 
@@ -109,6 +110,37 @@ def test_evaluate_run_adapts_up_to_the_given_t(run_dir, omniglot_test):
   assert results["accuracy"] == pytest.approx(direct["accuracy"], abs=1e-12)
   assert training.evaluate_run(str(run_dir), which="latest", num_episodes=1,
                                batch_size=1)["t_final"] == pytest.approx(1.0)
+
+
+def test_evaluate_run_rotates_classes(run_dir, omniglot_test):
+  results = training.evaluate_run(str(run_dir), which="latest",
+                                   num_episodes=9, batch_size=4,
+                                   rotate_classes=True)
+  assert results["output"] == str(
+      run_dir / "evaluation_test_latest_5w1s3q_rotated.json")
+  assert results["rotate_classes"] is True
+  model, _ = training.restore_model(str(run_dir))
+  kwargs = dict(ways=5, shots=1, queries=3, seed=evaluation.TEST_SEED,
+                num_episodes=9)
+  rotated = evaluation.summarize(_direct_accuracies(
+      model, data.eval_episodes(omniglot_test, rotate_classes=True,
+                                **kwargs)))
+  upright = evaluation.summarize(_direct_accuracies(
+      model, data.eval_episodes(omniglot_test, **kwargs)))
+  assert results["accuracy"] == pytest.approx(rotated["accuracy"], abs=1e-12)
+  assert results["accuracy"] != pytest.approx(upright["accuracy"], abs=1e-6)
+
+
+def test_rotate_classes_needs_square_images(run_dir, monkeypatch):
+  features = data.ClassSet.from_labels(
+      np.zeros([40, 8], np.float32), np.repeat(np.arange(10), 4),
+      dataset="features", split="test")
+  monkeypatch.setattr(_evaluate._loop, "load_splits",
+                      lambda config: data.Splits(features, features, features))
+  with pytest.raises(training.ConfigError,
+                     match=r"--rotate_classes: .*square images"):
+    training.evaluate_run(str(run_dir), which="latest", num_episodes=2,
+                          rotate_classes=True)
 
 
 def test_evaluate_run_errors_name_the_flag(run_dir, tmp_path):

@@ -49,7 +49,9 @@ def test_make_config_names_the_bad_flag():
                           ({"lr_decay_steps": 0}, "--lr_decay_steps"),
                           ({"clip_norm": 0.0}, "--clip_norm"),
                           ({"jit_compile": True, "tasks_per_solve": 4},
-                           "--tasks_per_solve")]:
+                           "--tasks_per_solve"),
+                          ({"train_on_validation": True},
+                           "--train_on_validation .*--validate_every=0")]:
     with pytest.raises(training.ConfigError, match=flag):
       training.make_config(**overrides)
   with pytest.raises(training.ConfigError, match="Unknown configuration"):

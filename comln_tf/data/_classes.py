@@ -89,6 +89,39 @@ class ClassSet:
         """The examples of class `c`: [counts[c], *example_shape]."""
         return self.images[self.offsets[c]:self.offsets[c + 1]]
 
+    def merged_with(self, other, split):
+        """This set's classes, then `other`'s, as one set named `split`.
+
+        Args:
+            other: a ClassSet with examples of the same shape and dtype and
+                no class name in common with this one.
+            split: the name of the merged set.
+
+        Returns:
+            A ClassSet with num_classes + other.num_classes classes.
+
+        Raises:
+            ValueError: if the examples differ in shape or dtype, or the sets
+                share a class name.
+        """
+        if (self.example_shape != other.example_shape
+                or self.images.dtype != other.images.dtype):
+            raise ValueError(
+                f"cannot merge split '{self.split}' ({self.images.dtype} "
+                f"{self.example_shape}) with split '{other.split}' "
+                f"({other.images.dtype} {other.example_shape})")
+        shared = sorted(set(self.class_names) & set(other.class_names))
+        if shared:
+            raise ValueError(
+                f"cannot merge splits '{self.split}' and '{other.split}': "
+                f"they share classes (e.g. {shared[:3]})")
+        offsets = np.concatenate(
+            [self.offsets[:-1], other.offsets + len(self.images)])
+        return ClassSet(np.concatenate([self.images, other.images]),
+                        offsets.astype(np.int64),
+                        self.class_names + other.class_names, self.dataset,
+                        split)
+
     def with_rotations(self):
         """Adds 90, 180 and 270 degree rotations of every class as new classes.
 

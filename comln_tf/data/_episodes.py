@@ -53,11 +53,22 @@ def check_episode_args(class_set, ways, shots, queries):
             f"'{class_set.class_names[smallest]}' in {where}")
 
 
-def _episode_fn(class_set, ways, shots, queries, seed):
+def check_rotate_classes(class_set):
+    """Raises ValueError unless `class_set` holds square images [H, H, C]."""
+    shape = tuple(class_set.example_shape)
+    if len(shape) != 3 or shape[0] != shape[1]:
+        raise ValueError(
+            f"rotate_classes needs square images [H, H, C]; split "
+            f"'{class_set.split}' of dataset '{class_set.dataset}' has "
+            f"examples of shape {shape}")
+
+
+def _episode_fn(class_set, ways, shots, queries, seed, rotate_classes=False):
     """Returns `episode(index)`: int64 index -> one unbatched episode dict."""
     images, offsets, counts = class_set.tensors
     num_classes = class_set.num_classes
     max_count = int(np.max(class_set.counts))
+    example_shape = list(class_set.example_shape)
     positions = tf.range(max_count, dtype=tf.int64)
     seed = tf.constant(seed, tf.int64)
     # Class-major order: label n's examples are rows n*shots .. n*shots+shots-1.
@@ -87,12 +98,29 @@ def _episode_fn(class_set, ways, shots, queries, seed):
         noise = tf.where(valid, noise, -1.0)
         picks = tf.cast(tf.math.top_k(noise, shots + queries).indices, tf.int64)
         picks += tf.gather(offsets, classes)[:, None]
+        examples = tf.gather(images, picks)  # [ways, shots + queries, ...]
+        if rotate_classes:
+            # Its own key, folded from the class key, so that the classes
+            # and examples drawn are those of the unrotated episode.
+            rotation_key = tf.random.experimental.stateless_fold_in(
+                class_key, 1, alg=_RNG_ALG)
+            turns = tf.random.stateless_uniform(
+                [ways], rotation_key, minval=0, maxval=4, dtype=tf.int32,
+                alg=_RNG_ALG)
+            # All four rotations of every class, then each class's own:
+            # [ways, 4, shots + queries, H, H, C] -> [ways, shots + queries,
+            # H, H, C]. Counter-clockwise, as `ClassSet.with_rotations`.
+            flat = tf.reshape(examples, [-1, *example_shape])
+            rotations = tf.stack(
+                [tf.reshape(tf.image.rot90(flat, k), examples.shape)
+                 for k in range(4)], axis=1)
+            examples = tf.gather(rotations, turns, batch_dims=1)
         return {
             "support_images": to_float(
-                tf.gather(images, tf.reshape(picks[:, :shots], [-1]))),
+                tf.reshape(examples[:, :shots], [-1, *example_shape])),
             "support_labels": support_labels,
             "query_images": to_float(
-                tf.gather(images, tf.reshape(picks[:, shots:], [-1]))),
+                tf.reshape(examples[:, shots:], [-1, *example_shape])),
             "query_labels": query_labels,
         }
 
@@ -218,12 +246,17 @@ def distributed_meta_batches(input_context, class_set, *, ways, shots,
 
 
 def eval_episodes(class_set, *, ways, shots, queries, seed,
-                  num_episodes=1000):
+                  num_episodes=1000, rotate_classes=False):
     """A fixed, finite set of evaluation episodes.
 
     Episode i is episode i of the stream with `seed` (the same function of
     (seed, i) as in `meta_batches`), so the set is identical across runs and
     machines.
+
+    With `rotate_classes`, each class of an episode is rotated by its own
+    random multiple of 90 degrees, support and queries alike, as the code of
+    MAML (Finn et al. 2017) rotates its Omniglot test classes. The classes,
+    labels and examples stay those of the unrotated episode.
 
     Args:
         class_set: a ClassSet (e.g. `load_splits(...).test`).
@@ -232,6 +265,8 @@ def eval_episodes(class_set, *, ways, shots, queries, seed,
         queries: query examples per class (q).
         seed: integer seed.
         num_episodes: number of episodes.
+        rotate_classes: bool, rotate each class by a random multiple of 90
+            degrees (square images only).
 
     Returns:
         A tf.data.Dataset of `num_episodes` single episodes, unbatched:
@@ -242,11 +277,15 @@ def eval_episodes(class_set, *, ways, shots, queries, seed,
         `.batch(b)` gives elements in the format of `meta_batches`.
 
     Raises:
-        ValueError: on arguments the class set cannot serve.
+        ValueError: on arguments the class set cannot serve (`rotate_classes`
+            with examples that are not square images).
     """
     check_episode_args(class_set, ways, shots, queries)
     check_int("num_episodes", num_episodes, 1)
-    episode = _episode_fn(class_set, ways, shots, queries, seed)
+    if rotate_classes:
+        check_rotate_classes(class_set)
+    episode = _episode_fn(class_set, ways, shots, queries, seed,
+                          rotate_classes)
     return (tf.data.Dataset.range(num_episodes)
             .map(episode, num_parallel_calls=tf.data.AUTOTUNE,
                  deterministic=True))

@@ -438,7 +438,7 @@ def available_sources():
 
 
 def load_splits(name="omniglot", data_dir=None, image_size=None, *,
-                rotations=False, **options):
+                rotations=False, train_on_validation=False, **options):
     """Loads the disjoint train, validation and test classes of a dataset.
 
     Sources (see each `_load_<name>` for its layout and options):
@@ -467,6 +467,10 @@ def load_splits(name="omniglot", data_dir=None, image_size=None, *,
             default. Ignored by "embeddings".
         rotations: add 90/180/270-degree rotations of each train class as
             new classes (4x train classes; validation and test unchanged).
+        train_on_validation: train on the train and validation classes
+            together, the final training of Prototypical Networks (Snell et
+            al. 2017); the validation split stays, but its classes are then
+            training classes too. Rotations, if any, apply to both.
         **options: source-specific options.
 
     Returns:
@@ -491,6 +495,9 @@ def load_splits(name="omniglot", data_dir=None, image_size=None, *,
                 f"{len(shared)} classes of dataset '{name}' (e.g. "
                 f"{shared[:3]}) are in both the {a.split} and {b.split} "
                 f"splits; splits need disjoint classes")
+    if train_on_validation:
+        splits = splits._replace(
+            train=splits.train.merged_with(splits.validation, "train"))
     if rotations:
         splits = splits._replace(train=splits.train.with_rotations())
     return splits

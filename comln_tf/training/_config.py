@@ -30,6 +30,9 @@ DEFAULTS = {
     "data_dir": None,
     "image_size": None,
     "rotations": False,
+    # Train on the train and validation classes together (a final training,
+    # as Snell et al. 2017); needs validate_every=0.
+    "train_on_validation": False,
     "ways": 5,
     "shots": 1,
     "queries": 15,
@@ -170,6 +173,12 @@ def validate_config(config):
       isinstance(config["init_from"], str) and config["init_from"]):
     raise ConfigError(f"--init_from must be the model_dir of a training run; "
                       f"got {config['init_from']!r}.")
+  if config["train_on_validation"] and config["validate_every"]:
+    raise ConfigError(
+        f"--train_on_validation trains on the validation classes, so "
+        f"validation cannot pick the best checkpoint: use --validate_every=0 "
+        f"(got {config['validate_every']}) and evaluate the latest "
+        f"checkpoint (launch.evaluate --checkpoint=latest).")
   if config["devices"] and config["strategy"] != "mirrored":
     raise ConfigError(f"--devices is for --strategy=mirrored only; got "
                       f"--strategy={config['strategy']}.")

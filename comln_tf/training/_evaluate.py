@@ -5,6 +5,7 @@ import os
 
 import tensorflow as tf
 
+from comln_tf import data
 from comln_tf import evaluation
 from comln_tf.training import _loop
 from comln_tf.training import _models
@@ -15,12 +16,14 @@ SPLITS = ("test", "validation")
 
 
 def default_output(model_dir, which, split, ways, shots, queries,
-                   t_final=None):
+                   t_final=None, rotate_classes=False):
   """model_dir/evaluation_<split>_<which>_<ways>w<shots>s<queries>q.json.
 
-  With t_final, "_t<t_final>" before ".json".
+  With t_final, "_t<t_final>" before ".json"; then with rotate_classes,
+  "_rotated".
   """
   suffix = "" if t_final is None else f"_t{t_final:g}"
+  suffix += "_rotated" if rotate_classes else ""
   return os.path.join(
       model_dir,
       f"evaluation_{split}_{which}_{ways}w{shots}s{queries}q{suffix}.json")
@@ -29,7 +32,7 @@ def default_output(model_dir, which, split, ways, shots, queries,
 def evaluate_run(model_dir, *, which="best", split="test", num_episodes=1000,
                  seed=evaluation.TEST_SEED, ways=None, shots=None,
                  queries=None, batch_size=None, data_dir=None, output=None,
-                 t_final=None):
+                 t_final=None, rotate_classes=False):
   """Evaluates a run's checkpoint on fixed episodes and writes the JSON.
 
   Args:
@@ -46,11 +49,14 @@ def evaluate_run(model_dir, *, which="best", split="test", num_episodes=1000,
     output: JSON file (default: `default_output(...)` in model_dir).
     t_final: adapt up to this T instead of the checkpoint's learned T (None:
       the learned one), e.g. a T chosen on the validation split.
+    rotate_classes: rotate each class of an episode by a random multiple of
+      90 degrees (MAML's Omniglot evaluation; square images only).
 
   Returns:
     dict: "accuracy" and "ci95" (fractions), "episodes", "ways", "shots",
-    "queries", "seed", "split", "checkpoint" (its path), "step", "t_final"
-    (the T used) and "output" (where the JSON was written).
+    "queries", "seed", "split", "rotate_classes", "checkpoint" (its path),
+    "step", "t_final" (the T used) and "output" (where the JSON was
+    written).
 
   Raises:
     ConfigError: naming the flag: no run or no such checkpoint in
@@ -92,13 +98,19 @@ def evaluate_run(model_dir, *, which="best", split="test", num_episodes=1000,
     config = {**config, "data_dir": data_dir}
   class_set = getattr(_loop.load_splits(config), split)
   _loop.check_episodes(class_set, ways, shots, queries)
+  if rotate_classes:
+    try:
+      data.check_rotate_classes(class_set)
+    except ValueError as error:
+      raise ConfigError(f"--rotate_classes: {error}") from error
   results = evaluation.evaluate(
       model, class_set, ways=ways, shots=shots, queries=queries,
       num_episodes=num_episodes, seed=seed,
-      batch_size=batch_size or config["meta_batch_size"])
+      batch_size=batch_size or config["meta_batch_size"],
+      rotate_classes=rotate_classes)
   if not output:
     output = default_output(model_dir, which, split, ways, shots, queries,
-                            t_final)
+                            t_final, rotate_classes)
   results.update(checkpoint=path, step=step, model_dir=model_dir,
                  t_final=float(model.classifier.t_final), output=output)
   evaluation.write_json(output, results)

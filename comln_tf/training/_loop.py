@@ -35,7 +35,8 @@ def load_splits(config):
   """The class splits of the configured dataset.
 
   Args:
-    config: a configuration (dataset, data_dir, image_size, rotations).
+    config: a configuration (dataset, data_dir, image_size, rotations,
+      train_on_validation).
 
   Returns:
     data.Splits.
@@ -47,12 +48,14 @@ def load_splits(config):
   try:
     return data.load_splits(config["dataset"], config["data_dir"],
                             config["image_size"],
-                            rotations=config["rotations"])
+                            rotations=config["rotations"],
+                            train_on_validation=config["train_on_validation"])
   except ValueError as error:
     raise ConfigError(
         f"--dataset={config['dataset']} --data_dir={config['data_dir']} "
         f"--image_size={config['image_size']} --rotations="
-        f"{config['rotations']}: {error}") from error
+        f"{config['rotations']} --train_on_validation="
+        f"{config['train_on_validation']}: {error}") from error
 
 
 def check_episodes(class_set, ways, shots, queries):
