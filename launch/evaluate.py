@@ -67,8 +67,8 @@ def main(argv):
     sys.exit(f"error: {error}")
   rotated = ", classes rotated" if results["rotate_classes"] else ""
   print(f"{results['split']} accuracy, {results['ways']}-way "
-        f"{results['shots']}-shot{rotated}, {results['episodes']} episodes, step "
-        f"{results['step']}, T {results['t_final']:.6g}: "
+        f"{results['shots']}-shot{rotated}, {results['episodes']} episodes, "
+        f"step {results['step']}, T {results['t_final']:.6g}: "
         f"{100 * results['accuracy']:.2f}% +- "
         f"{100 * results['ci95']:.2f}% (95% CI); written to "
         f"{results['output']}")

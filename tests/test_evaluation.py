@@ -172,10 +172,13 @@ def test_evaluate_cli_prints_and_writes_json(run_dir, tmp_path):
   output = tmp_path / "results.json"
   result = cli_helpers.run(
       "launch.evaluate", [f"--model_dir={run_dir}", "--checkpoint=latest",
-                          "--episodes=6", f"--output={output}"], timeout=120)
+                          "--episodes=6", f"--output={output}",
+                          "--rotate_classes"], timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.loads(output.read_text())
   assert results["episodes"] == 6 and results["split"] == "test"
+  assert results["rotate_classes"] is True
+  assert "5-way 1-shot, classes rotated, 6 episodes" in result.stdout
   assert (f"{100 * results['accuracy']:.2f}% +- {100 * results['ci95']:.2f}%"
           in result.stdout)
 
