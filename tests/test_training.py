@@ -12,6 +12,7 @@ import cli_helpers
 from comln_tf import data
 from comln_tf import evaluation
 from comln_tf import training
+from comln_tf.training import _loop
 
 STEPS = 16
 LR_DECAY_STEPS = 32
@@ -56,6 +57,17 @@ def test_make_config_names_the_bad_flag():
       training.make_config(**overrides)
   with pytest.raises(training.ConfigError, match="Unknown configuration"):
     training.make_config(wayz=5)
+
+
+def test_train_on_validation_reaches_the_training_data():
+  config = training.make_config(dataset="omniglot_characters", rotations=True,
+                                train_on_validation=True, validate_every=0)
+  splits = _loop.load_splits(config)
+  plain = data.load_splits("omniglot_characters")
+  assert splits.train.num_classes == 4 * (
+      plain.train.num_classes + plain.validation.num_classes)
+  assert {f"{name}/rot0" for name in plain.validation.class_names} <= set(
+      splits.train.class_names)
 
 
 def test_check_resume_names_differing_flags_and_allows_resumable_ones(
