@@ -20,23 +20,70 @@ from comln_tf import data
 TEST_SEED = 2022
 VALIDATION_SEED = 1
 
+# What classifies the queries on the model's embeddings: COMLN's adapted
+# classifier, or the nearest class mean of Prototypical Networks (a
+# baseline on the same embeddings).
+CLASSIFIERS = ("comln", "prototypes")
 
-def accuracy_function(model):
+
+def prototype_logits(support_embeddings, support_labels, query_embeddings):
+  """Minus the squared Euclidean distances of queries to the class means.
+
+  The classifier of Prototypical Networks (Snell et al. 2017).
+
+  Args:
+    support_embeddings: float [B, M, d].
+    support_labels: int [B, M] in [0, N); every class has a support example.
+    query_embeddings: float [B, Q, d].
+
+  Returns:
+    float [B, Q, N] logits, -||query - mean of class n||^2.
+  """
+  num_ways = tf.reduce_max(support_labels) + 1
+  one_hot = tf.one_hot(support_labels, num_ways,
+                       dtype=support_embeddings.dtype)  # [B, M, N]
+  prototypes = tf.einsum("bmn,bmd->bnd", one_hot, support_embeddings) / (
+      tf.reduce_sum(one_hot, axis=1)[..., None])
+  # ||q||^2 - 2 q.p + ||p||^2, without a [B, Q, N, d] difference tensor.
+  return -(tf.reduce_sum(tf.square(query_embeddings), -1)[..., None]
+           - 2.0 * tf.einsum("bqd,bnd->bqn", query_embeddings, prototypes)
+           + tf.reduce_sum(tf.square(prototypes), -1)[:, None, :])
+
+
+def check_classifier(classifier):
+  """Raises ValueError unless `classifier` is one of CLASSIFIERS."""
+  if classifier not in CLASSIFIERS:
+    raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}; "
+                     f"got {classifier!r}")
+
+
+def accuracy_function(model, classifier="comln"):
   """A compiled function: meta-batch of episodes -> accuracy per episode.
 
   Args:
     model: a COMLN.
+    classifier: "comln" (the model's adapted classifier) or "prototypes"
+      (`prototype_logits` on the model's embeddings).
 
   Returns:
     tf.function taking an episode dict with a task axis (see
     `comln_tf.data.meta_batches`) and returning float64 [B], the fraction
     of each episode's queries classified correctly. The adaptation uses
     the plain solve (`training=False`).
+
+  Raises:
+    ValueError: unknown `classifier`.
   """
+  check_classifier(classifier)
 
   @tf.function(reduce_retracing=True)
   def accuracies(episodes):
-    logits = model(episodes, training=False)
+    if classifier == "comln":
+      logits = model(episodes, training=False)
+    else:
+      support, query = model.embed_episode(episodes, training=False)
+      logits = prototype_logits(
+          support, tf.cast(episodes["support_labels"], tf.int32), query)
     predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
     correct = tf.equal(predictions, tf.cast(episodes["query_labels"],
                                             tf.int32))
@@ -83,7 +130,8 @@ def summarize(accuracies):
 
 
 def evaluate(model, class_set, *, ways, shots, queries, num_episodes=1000,
-             seed=TEST_SEED, batch_size=16, rotate_classes=False):
+             seed=TEST_SEED, batch_size=16, rotate_classes=False,
+             classifier="comln"):
   """Mean accuracy and 95% interval of `model` on fixed episodes.
 
   Args:
@@ -96,23 +144,25 @@ def evaluate(model, class_set, *, ways, shots, queries, num_episodes=1000,
     rotate_classes: rotate each class of an episode by a random multiple of
       90 degrees, as MAML's Omniglot evaluation does (see
       `data.eval_episodes`).
+    classifier: "comln" or "prototypes" (see `accuracy_function`).
 
   Returns:
-    dict of `summarize` plus ways, shots, queries, seed, split and
-    rotate_classes.
+    dict of `summarize` plus ways, shots, queries, seed, split,
+    rotate_classes and classifier.
 
   Raises:
-    ValueError: the class set cannot make such episodes.
+    ValueError: the class set cannot make such episodes, or unknown
+      `classifier`.
   """
   episodes = data.eval_episodes(class_set, ways=ways, shots=shots,
                                 queries=queries, seed=seed,
                                 num_episodes=num_episodes,
                                 rotate_classes=rotate_classes)
-  accuracies = episode_accuracies(accuracy_function(model), episodes,
-                                  batch_size)
+  accuracies = episode_accuracies(accuracy_function(model, classifier),
+                                  episodes, batch_size)
   return {**summarize(accuracies), "ways": ways, "shots": shots,
           "queries": queries, "seed": seed, "split": class_set.split,
-          "rotate_classes": rotate_classes}
+          "rotate_classes": rotate_classes, "classifier": classifier}
 
 
 def write_json(path, value):

@@ -92,6 +92,25 @@ class COMLN(keras.Model):
     Returns:
       float32 [B, Q, N] query logits (and the SolveStats if return_stats).
     """
+    support_embeddings, query_embeddings = self.embed_episode(
+        inputs, training=training)
+    support_labels = tf.cast(inputs["support_labels"], tf.int32)
+    weights, stats = self.classifier.adapt(
+        support_embeddings, support_labels, training=training,
+        return_stats=True)
+    logits = self.classifier.logits(query_embeddings, weights)
+    return (logits, stats) if return_stats else logits
+
+  def embed_episode(self, inputs, training=None):
+    """Support and query embeddings of each task.
+
+    Args:
+      inputs: episode dict (see the class docstring).
+      training: passed to the backbone.
+
+    Returns:
+      (support [B, M, d], query [B, Q, d]) embeddings in the compute dtype.
+    """
     support_images = tf.cast(inputs["support_images"], self.compute_dtype)
     query_images = tf.cast(inputs["query_images"], self.compute_dtype)
     num_support = tf.shape(support_images)[1]
@@ -99,12 +118,7 @@ class COMLN(keras.Model):
     # per-task batch norm statistics come from both.
     embeddings = self.backbone(
         tf.concat([support_images, query_images], axis=1), training=training)
-    support_labels = tf.cast(inputs["support_labels"], tf.int32)
-    weights, stats = self.classifier.adapt(
-        embeddings[:, :num_support], support_labels, training=training,
-        return_stats=True)
-    logits = self.classifier.logits(embeddings[:, num_support:], weights)
-    return (logits, stats) if return_stats else logits
+    return embeddings[:, :num_support], embeddings[:, num_support:]
 
   @staticmethod
   def query_loss(query_labels, logits):

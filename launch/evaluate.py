@@ -44,10 +44,15 @@ flags.DEFINE_bool("rotate_classes", False,
                   "Rotate each class of an episode by a random multiple of 90 "
                   "degrees, support and queries alike, as MAML's Omniglot "
                   "evaluation does (square images only).")
+flags.DEFINE_enum("classifier", "comln", evaluation.CLASSIFIERS,
+                  "comln: the run's adapted classifier; prototypes: the "
+                  "nearest class mean of the support embeddings "
+                  "(Prototypical Networks) on the run's embeddings, a "
+                  "baseline.")
 flags.DEFINE_string("output", None,
                     "JSON file of the results (default: --model_dir/"
                     "evaluation_<split>_<checkpoint>_<ways>w<shots>s<queries>q"
-                    "[_t<t_final>][_rotated].json).")
+                    "[_t<t_final>][_rotated][_prototypes].json).")
 flags.mark_flag_as_required("model_dir")
 
 FLAGS = flags.FLAGS
@@ -62,13 +67,17 @@ def main(argv):
         shots=FLAGS.shots, queries=FLAGS.queries,
         batch_size=FLAGS.batch_size, data_dir=FLAGS.data_dir,
         output=FLAGS.output, t_final=FLAGS.t_final,
-        rotate_classes=FLAGS.rotate_classes)
+        rotate_classes=FLAGS.rotate_classes, classifier=FLAGS.classifier)
   except training.ConfigError as error:
     sys.exit(f"error: {error}")
-  rotated = ", classes rotated" if results["rotate_classes"] else ""
+  details = ", classes rotated" if results["rotate_classes"] else ""
+  if results["classifier"] == "comln":
+    classifier = f"T {results['t_final']:.6g}"
+  else:
+    classifier = f"classifier {results['classifier']}"
   print(f"{results['split']} accuracy, {results['ways']}-way "
-        f"{results['shots']}-shot{rotated}, {results['episodes']} episodes, "
-        f"step {results['step']}, T {results['t_final']:.6g}: "
+        f"{results['shots']}-shot{details}, {results['episodes']} episodes, "
+        f"step {results['step']}, {classifier}: "
         f"{100 * results['accuracy']:.2f}% +- "
         f"{100 * results['ci95']:.2f}% (95% CI); written to "
         f"{results['output']}")

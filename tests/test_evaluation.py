@@ -131,6 +131,40 @@ def test_evaluate_run_rotates_classes(run_dir, omniglot_test):
   assert results["accuracy"] != pytest.approx(upright["accuracy"], abs=1e-6)
 
 
+def test_prototype_accuracies_match_numpy(run_dir, omniglot_test):
+  model, _ = training.restore_model(str(run_dir))
+  episodes = data.eval_episodes(omniglot_test, ways=5, shots=2, queries=3,
+                                seed=evaluation.TEST_SEED, num_episodes=5)
+  accuracies = evaluation.episode_accuracies(
+      evaluation.accuracy_function(model, "prototypes"), episodes,
+      batch_size=2)
+  expected = []
+  for episode in episodes.as_numpy_iterator():
+    images = np.concatenate([episode["support_images"],
+                             episode["query_images"]])
+    embeddings = model.backbone(images[None], training=False).numpy()[0]
+    support, query = embeddings[:10], embeddings[10:]
+    means = np.stack([support[episode["support_labels"] == n].mean(0)
+                      for n in range(5)])
+    distances = ((query[:, None] - means[None]) ** 2).sum(-1)
+    expected.append(np.mean(distances.argmin(-1) == episode["query_labels"]))
+  np.testing.assert_allclose(accuracies, expected, atol=1e-12)
+  results = training.evaluate_run(str(run_dir), which="latest", shots=2,
+                                   num_episodes=5, classifier="prototypes")
+  assert results["output"] == str(
+      run_dir / "evaluation_test_latest_5w2s3q_prototypes.json")
+  assert results["classifier"] == "prototypes"
+  assert results["accuracy"] == pytest.approx(np.mean(expected), abs=1e-12)
+  for kwargs, message in [
+      ({"classifier": "knn"}, "--classifier must be one of comln, "
+       "prototypes; got 'knn'"),
+      ({"classifier": "prototypes", "t_final": 2.0},
+       "--t_final .*--classifier=prototypes has none")]:
+    with pytest.raises(training.ConfigError, match=message):
+      training.evaluate_run(str(run_dir), which="latest", num_episodes=2,
+                            **kwargs)
+
+
 def test_rotate_classes_needs_square_images(run_dir, monkeypatch):
   features = data.ClassSet.from_labels(
       np.zeros([40, 8], np.float32), np.repeat(np.arange(10), 4),
@@ -173,12 +207,15 @@ def test_evaluate_cli_prints_and_writes_json(run_dir, tmp_path):
   result = cli_helpers.run(
       "launch.evaluate", [f"--model_dir={run_dir}", "--checkpoint=latest",
                           "--episodes=6", f"--output={output}",
-                          "--rotate_classes"], timeout=120)
+                          "--rotate_classes", "--classifier=prototypes"],
+      timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.loads(output.read_text())
   assert results["episodes"] == 6 and results["split"] == "test"
   assert results["rotate_classes"] is True
-  assert "5-way 1-shot, classes rotated, 6 episodes" in result.stdout
+  assert results["classifier"] == "prototypes"
+  assert ("5-way 1-shot, classes rotated, 6 episodes, step 7, classifier "
+          "prototypes" in result.stdout)
   assert (f"{100 * results['accuracy']:.2f}% +- {100 * results['ci95']:.2f}%"
           in result.stdout)
 

@@ -16,14 +16,15 @@ SPLITS = ("test", "validation")
 
 
 def default_output(model_dir, which, split, ways, shots, queries,
-                   t_final=None, rotate_classes=False):
+                   t_final=None, rotate_classes=False, classifier="comln"):
   """model_dir/evaluation_<split>_<which>_<ways>w<shots>s<queries>q.json.
 
   With t_final, "_t<t_final>" before ".json"; then with rotate_classes,
-  "_rotated".
+  "_rotated"; then with classifier="prototypes", "_prototypes".
   """
   suffix = "" if t_final is None else f"_t{t_final:g}"
   suffix += "_rotated" if rotate_classes else ""
+  suffix += "" if classifier == "comln" else f"_{classifier}"
   return os.path.join(
       model_dir,
       f"evaluation_{split}_{which}_{ways}w{shots}s{queries}q{suffix}.json")
@@ -32,7 +33,7 @@ def default_output(model_dir, which, split, ways, shots, queries,
 def evaluate_run(model_dir, *, which="best", split="test", num_episodes=1000,
                  seed=evaluation.TEST_SEED, ways=None, shots=None,
                  queries=None, batch_size=None, data_dir=None, output=None,
-                 t_final=None, rotate_classes=False):
+                 t_final=None, rotate_classes=False, classifier="comln"):
   """Evaluates a run's checkpoint on fixed episodes and writes the JSON.
 
   Args:
@@ -51,10 +52,13 @@ def evaluate_run(model_dir, *, which="best", split="test", num_episodes=1000,
       the learned one), e.g. a T chosen on the validation split.
     rotate_classes: rotate each class of an episode by a random multiple of
       90 degrees (MAML's Omniglot evaluation; square images only).
+    classifier: "comln" (the run's adapted classifier) or "prototypes"
+      (the nearest class mean on the run's embeddings, a baseline; no T).
 
   Returns:
     dict: "accuracy" and "ci95" (fractions), "episodes", "ways", "shots",
-    "queries", "seed", "split", "rotate_classes", "checkpoint" (its path),
+    "queries", "seed", "split", "rotate_classes", "classifier",
+    "checkpoint" (its path),
     "step", "t_final" (the T used) and "output" (where the JSON was
     written).
 
@@ -75,6 +79,13 @@ def evaluate_run(model_dir, *, which="best", split="test", num_episodes=1000,
       isinstance(t_final, bool) or not isinstance(t_final, (int, float)) or
       not 0 < t_final < math.inf):
     raise ConfigError(f"--t_final must be a number > 0; got {t_final!r}.")
+  try:
+    evaluation.check_classifier(classifier)
+  except ValueError as error:
+    raise ConfigError(f"--{error}.") from error
+  if t_final is not None and classifier != "comln":
+    raise ConfigError(f"--t_final is the adaptation time of COMLN's "
+                      f"classifier; --classifier={classifier} has none.")
   try:
     config = load_config(model_dir)
     path = _models.checkpoint_path(model_dir, which)
@@ -107,10 +118,10 @@ def evaluate_run(model_dir, *, which="best", split="test", num_episodes=1000,
       model, class_set, ways=ways, shots=shots, queries=queries,
       num_episodes=num_episodes, seed=seed,
       batch_size=batch_size or config["meta_batch_size"],
-      rotate_classes=rotate_classes)
+      rotate_classes=rotate_classes, classifier=classifier)
   if not output:
     output = default_output(model_dir, which, split, ways, shots, queries,
-                            t_final, rotate_classes)
+                            t_final, rotate_classes, classifier)
   results.update(checkpoint=path, step=step, model_dir=model_dir,
                  t_final=float(model.classifier.t_final), output=output)
   evaluation.write_json(output, results)
