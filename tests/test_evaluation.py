@@ -153,7 +153,7 @@ def test_prototype_accuracies_match_numpy(run_dir, omniglot_test):
                                    num_episodes=5, classifier="prototypes")
   assert results["output"] == str(
       run_dir / "evaluation_test_latest_5w2s3q_prototypes.json")
-  assert results["classifier"] == "prototypes"
+  assert results["classifier"] == "prototypes" and results["t_final"] is None
   assert results["accuracy"] == pytest.approx(np.mean(expected), abs=1e-12)
   for kwargs, message in [
       ({"classifier": "knn"}, "--classifier must be one of comln, "

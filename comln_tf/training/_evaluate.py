@@ -58,9 +58,8 @@ def evaluate_run(model_dir, *, which="best", split="test", num_episodes=1000,
   Returns:
     dict: "accuracy" and "ci95" (fractions), "episodes", "ways", "shots",
     "queries", "seed", "split", "rotate_classes", "classifier",
-    "checkpoint" (its path),
-    "step", "t_final" (the T used) and "output" (where the JSON was
-    written).
+    "checkpoint" (its path), "step", "t_final" (the T used; None with
+    prototypes) and "output" (where the JSON was written).
 
   Raises:
     ConfigError: naming the flag: no run or no such checkpoint in
@@ -122,7 +121,8 @@ def evaluate_run(model_dir, *, which="best", split="test", num_episodes=1000,
   if not output:
     output = default_output(model_dir, which, split, ways, shots, queries,
                             t_final, rotate_classes, classifier)
+  t_used = float(model.classifier.t_final) if classifier == "comln" else None
   results.update(checkpoint=path, step=step, model_dir=model_dir,
-                 t_final=float(model.classifier.t_final), output=output)
+                 t_final=t_used, output=output)
   evaluation.write_json(output, results)
   return results
