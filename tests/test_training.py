@@ -273,6 +273,14 @@ def test_init_from_starts_from_the_best_model_with_a_fresh_optimizer(
       training.checkpoint_path(str(model_dir))).items()
                 if name.startswith("optimizer/_iterations")]
   assert iterations == [1]
+  # That run did not validate, so it has no best checkpoint: a run
+  # initialized from it starts from its latest.
+  args = [f"--model_dir={tmp_path / 'warm2'}", f"--init_from={model_dir}",
+          "--steps=1", "--validate_every=0"] + list(cli_helpers.TINY_ARGS)
+  result = cli_helpers.run("launch.train", args, timeout=240)
+  assert result.returncode == 0, result.stderr[-3000:]
+  latest = training.checkpoint_path(str(model_dir), "latest")
+  assert f"Initialized the model from {latest}" in result.stderr
 
 
 def test_init_from_errors_name_the_flag(tmp_path, reference_run):

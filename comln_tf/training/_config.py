@@ -69,8 +69,9 @@ DEFAULTS = {
     "nesterov": True,
     "weight_decay": 5e-4,
     "seed": 0,
-    # Start from the model of another run's best checkpoint (its model_dir);
-    # the optimizer, schedule and step start fresh (None: new weights).
+    # Start from the model of another run's best checkpoint (its model_dir;
+    # the latest if that run did not validate); the optimizer, schedule and
+    # step start fresh (None: new weights).
     "init_from": None,
     # Validation (picks the best checkpoint; 0 disables it).
     "validate_every": 500,

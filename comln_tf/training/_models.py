@@ -174,17 +174,20 @@ def init_checkpoint(config):
     config: a configuration with example_shape and init_from (a model_dir).
 
   Returns:
-    str, the best checkpoint of config["init_from"].
+    str, the best checkpoint of config["init_from"], or its latest if that
+    run did not validate (--validate_every=0, as with
+    --train_on_validation): its model is then its last one.
 
   Raises:
-    ConfigError: naming --init_from: no run or no best checkpoint there, or
+    ConfigError: naming --init_from: no run or no such checkpoint there, or
       a model of another architecture (backbone, example shape, tied rows;
       the number of ways unless the rows are tied).
   """
   init_from = config["init_from"]
   try:
     saved = load_config(init_from)
-    path = checkpoint_path(init_from, "best")
+    path = checkpoint_path(init_from,
+                           "best" if saved["validate_every"] else "latest")
   except FileNotFoundError as error:
     raise ConfigError(f"--init_from={init_from}: {error}") from error
   keys = _ARCHITECTURE_KEYS + (() if config["tie_init_rows"] else ("ways",))
