@@ -26,7 +26,6 @@ Example:
 from comln_tf.data._classes import ClassSet
 from comln_tf.data._classes import Splits
 from comln_tf.data._episodes import check_episode_args
-from comln_tf.data._episodes import check_rotate_classes
 from comln_tf.data._episodes import distributed_meta_batches
 from comln_tf.data._episodes import eval_episodes
 from comln_tf.data._episodes import meta_batches
@@ -38,8 +37,7 @@ from comln_tf.data._sources import available_sources
 from comln_tf.data._sources import load_splits
 
 __all__ = [
-    "ClassSet", "Splits", "check_episode_args", "check_rotate_classes",
-    "distributed_meta_batches",
+    "ClassSet", "Splits", "check_episode_args", "distributed_meta_batches",
     "eval_episodes", "meta_batches", "OMNIGLOT_CHARACTER_SPLIT",
     "OMNIGLOT_VALIDATION_ALPHABETS", "VINYALS_TEST_ALPHABETS",
     "VINYALS_VALIDATION_ALPHABETS",

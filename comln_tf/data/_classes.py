@@ -122,6 +122,19 @@ class ClassSet:
                         self.class_names + other.class_names, self.dataset,
                         split)
 
+    def check_square_images(self, option):
+        """Raises ValueError unless the examples are square images [H, H, C].
+
+        Args:
+            option: the argument that needs them, named in the message.
+        """
+        shape = tuple(self.example_shape)
+        if len(shape) != 3 or shape[0] != shape[1]:
+            raise ValueError(
+                f"{option} needs square images [H, H, C]; split "
+                f"'{self.split}' of dataset '{self.dataset}' has examples of "
+                f"shape {shape}")
+
     def with_rotations(self):
         """Adds 90, 180 and 270 degree rotations of every class as new classes.
 
@@ -134,13 +147,7 @@ class ClassSet:
         Raises:
             ValueError: if the examples are not square images.
         """
-        square = (self.images.ndim == 4
-                  and self.images.shape[1] == self.images.shape[2])
-        if not square:
-            raise ValueError(
-                f"rotations need square images [n, H, H, C]; split "
-                f"'{self.split}' of '{self.dataset}' has examples of shape "
-                f"{self.example_shape}")
+        self.check_square_images("rotations")
         n = len(self.images)
         images = np.concatenate(
             [np.rot90(self.images, r, axes=(1, 2)) for r in range(4)])

@@ -53,16 +53,6 @@ def check_episode_args(class_set, ways, shots, queries):
             f"'{class_set.class_names[smallest]}' in {where}")
 
 
-def check_rotate_classes(class_set):
-    """Raises ValueError unless `class_set` holds square images [H, H, C]."""
-    shape = tuple(class_set.example_shape)
-    if len(shape) != 3 or shape[0] != shape[1]:
-        raise ValueError(
-            f"rotate_classes needs square images [H, H, C]; split "
-            f"'{class_set.split}' of dataset '{class_set.dataset}' has "
-            f"examples of shape {shape}")
-
-
 def _episode_fn(class_set, ways, shots, queries, seed, rotate_classes=False):
     """Returns `episode(index)`: int64 index -> one unbatched episode dict."""
     images, offsets, counts = class_set.tensors
@@ -283,7 +273,7 @@ def eval_episodes(class_set, *, ways, shots, queries, seed,
     check_episode_args(class_set, ways, shots, queries)
     check_int("num_episodes", num_episodes, 1)
     if rotate_classes:
-        check_rotate_classes(class_set)
+        class_set.check_square_images("rotate_classes")
     episode = _episode_fn(class_set, ways, shots, queries, seed,
                           rotate_classes)
     return (tf.data.Dataset.range(num_episodes)

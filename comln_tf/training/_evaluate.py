@@ -5,7 +5,6 @@ import os
 
 import tensorflow as tf
 
-from comln_tf import data
 from comln_tf import evaluation
 from comln_tf.training import _loop
 from comln_tf.training import _models
@@ -110,7 +109,7 @@ def evaluate_run(model_dir, *, which="best", split="test", num_episodes=1000,
   _loop.check_episodes(class_set, ways, shots, queries)
   if rotate_classes:
     try:
-      data.check_rotate_classes(class_set)
+      class_set.check_square_images("rotate_classes")
     except ValueError as error:
       raise ConfigError(f"--rotate_classes: {error}") from error
   results = evaluation.evaluate(
