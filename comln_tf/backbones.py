@@ -16,7 +16,8 @@ task.
 The backbones:
 - `Conv4`: 4 blocks of 3x3 convolution (64 filters), per-task batch norm,
   ReLU and 2x2 max pooling, then flatten: d = 64 at 28x28 (Omniglot),
-  d = 1600 at 84x84 (miniImageNet).
+  d = 1600 at 84x84 (miniImageNet); or, with `pool_last_block=False,
+  global_pool=True`, the mean of the fourth block's unpooled map (d = 64).
 - `ResNet12`: the ResNet-12 of MetaOptNet (Lee et al. 2019) used by COMLN:
   4 residual blocks with 64, 160, 320, 640 channels, 3x3 convolutions, leaky
   ReLU (slope 0.1) and 2x2 max pooling; no global pooling by default, so
@@ -127,6 +128,7 @@ class ConvBlock(keras.layers.Layer):
   Args:
     filters: int, output channels.
     epsilon: float, batch norm epsilon.
+    pool: bool, end with the 2x2 max pooling (False: keep H x W).
     **kwargs: passed to `keras.layers.Layer`.
 
   Call args:
@@ -134,13 +136,15 @@ class ConvBlock(keras.layers.Layer):
     training: ignored (nothing in the block depends on it).
 
   Returns:
-    float32 [B, n, H // 2, W // 2, filters].
+    float32 [B, n, H // 2, W // 2, filters] ([B, n, H, W, filters] without
+    pooling).
   """
 
-  def __init__(self, filters, epsilon=1e-5, **kwargs):
+  def __init__(self, filters, epsilon=1e-5, pool=True, **kwargs):
     super().__init__(**kwargs)
     self.filters = filters
     self.epsilon = epsilon
+    self.pool = pool
     self.conv = keras.layers.Conv2D(filters, 3, padding="same",
                                     use_bias=False, name="conv")
     self.norm = TaskBatchNormalization(epsilon, name="norm")
@@ -150,15 +154,19 @@ class ConvBlock(keras.layers.Layer):
     self.norm.build(tuple(input_shape[:-1]) + (self.filters,))
 
   def call(self, inputs, training=None):
-    x = self.norm(_per_image(self.conv, inputs))
-    return _per_image(lambda t: ops.max_pool(t, 2, 2), ops.relu(x))
+    x = ops.relu(self.norm(_per_image(self.conv, inputs)))
+    if not self.pool:
+      return x
+    return _per_image(lambda t: ops.max_pool(t, 2, 2), x)
 
   def compute_output_shape(self, input_shape):
+    if not self.pool:
+      return tuple(input_shape[:-1]) + (self.filters,)
     return _pooled_shape(input_shape, self.filters)
 
   def get_config(self):
     return {**super().get_config(), "filters": self.filters,
-            "epsilon": self.epsilon}
+            "epsilon": self.epsilon, "pool": self.pool}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -314,10 +322,17 @@ class Conv4(_EpisodeBackbone):
   flatten: d = 64 at 28x28 and d = 1600 at 84x84 with the default 64
   filters. Images are channels last.
 
+  At 28x28 the last block's map is 3x3, and its 2x2 pooling (floor) keeps
+  only the top-left 2x2 cells. `pool_last_block=False, global_pool=True`
+  averages the whole 3x3 map instead (d = 64), as MAML's Omniglot Conv-4
+  averages its last map.
+
   Args:
     filters: int, channels of every block.
     epsilon: float, batch norm epsilon.
     global_pool: bool, average over space instead of flattening (d = filters).
+    pool_last_block: bool, max-pool after the fourth block too (False: its
+      map is flattened or, with `global_pool`, averaged unpooled).
     **kwargs: passed to `keras.layers.Layer`.
 
   Call args:
@@ -329,16 +344,19 @@ class Conv4(_EpisodeBackbone):
     float32 [B, n, d], or [n, d] for a single task.
   """
 
-  def __init__(self, filters=64, epsilon=1e-5, global_pool=False, **kwargs):
+  def __init__(self, filters=64, epsilon=1e-5, global_pool=False,
+               pool_last_block=True, **kwargs):
     super().__init__(global_pool=global_pool, **kwargs)
     self.filters = filters
     self.epsilon = epsilon
-    self.blocks = [ConvBlock(filters, epsilon, name=f"block{i}")
+    self.pool_last_block = pool_last_block
+    self.blocks = [ConvBlock(filters, epsilon, pool=i < 3 or pool_last_block,
+                             name=f"block{i}")
                    for i in range(4)]
 
   def get_config(self):
     return {**super().get_config(), "filters": self.filters,
-            "epsilon": self.epsilon}
+            "epsilon": self.epsilon, "pool_last_block": self.pool_last_block}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

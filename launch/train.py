@@ -52,6 +52,13 @@ flags.DEFINE_integer("meta_batch_size", _D["meta_batch_size"],
 # Model.
 flags.DEFINE_enum("backbone", _D["backbone"], training.BACKBONES,
                   "Embedding network (identity for precomputed features).")
+flags.DEFINE_bool("global_pool", _D["global_pool"],
+                  "Average the backbone's last feature map over space "
+                  "(d = its channels) instead of flattening it.")
+flags.DEFINE_bool("pool_last_block", _D["pool_last_block"],
+                  "Conv-4: max-pool after the fourth block too. "
+                  "--nopool_last_block --global_pool averages its whole map "
+                  "(MAML's Omniglot Conv-4).")
 flags.DEFINE_float("initial_t", _D["initial_t"],
                    "Initial integration time T (learned as log T).")
 flags.DEFINE_bool("train_t", _D["train_t"],

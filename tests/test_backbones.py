@@ -47,6 +47,25 @@ def test_global_pool_is_spatial_mean_of_feature_map():
   np.testing.assert_allclose(_embed(pooled, images), expected, atol=1e-5)
 
 
+def test_conv4_last_block_pooling_options():
+  # At 28x28 the fourth block's map is 3x3: its 2x2 max pooling (floor)
+  # keeps the top-left 2x2 cells; without it the whole map is flattened or
+  # averaged. The same weights in all three, checked against NumPy.
+  images = _images(2, 3, 28, 28, 1)
+  unpooled = backbones.Conv4(pool_last_block=False)
+  feature_map = _embed(unpooled, images).reshape(2, 3, 3, 3, 64)
+  for kwargs, expected in [
+      ({}, feature_map[:, :, :2, :2].max(axis=(2, 3))),
+      (dict(pool_last_block=False, global_pool=True),
+       feature_map.mean(axis=(2, 3)))]:
+    backbone = backbones.Conv4(**kwargs)
+    backbone.build(images.shape)
+    backbone.set_weights(unpooled.get_weights())
+    np.testing.assert_allclose(_embed(backbone, images), expected, atol=1e-5)
+    assert backbone.compute_output_shape(images.shape) == (2, 3, 64)
+  assert unpooled.compute_output_shape((None, 5, 28, 28, 1)) == (None, 5, 576)
+
+
 @pytest.mark.parametrize("make", [backbones.Conv4,
                                   lambda: backbones.ResNet12(**TINY_RESNET)])
 def test_single_task_input(make):
@@ -109,6 +128,7 @@ def test_normalization_is_per_task(make):
 
 @pytest.mark.parametrize("name, kwargs, shape", [
     ("conv4", {}, (3, 28, 28, 1)),
+    ("conv4", dict(global_pool=True, pool_last_block=False), (3, 28, 28, 1)),
     ("resnet12", dict(global_pool=True, **TINY_RESNET), (3, 16, 16, 3)),
     ("identity", {}, (3, 10)),
 ])
@@ -133,8 +153,11 @@ def test_get_config_is_complete():
   assert (clone.negative_slope, clone.epsilon, clone.global_pool) == (
       0.2, 1e-3, True)
   conv4 = backbones.Conv4.from_config(
-      backbones.Conv4(filters=8, epsilon=1e-2).get_config())
-  assert (conv4.filters, conv4.epsilon) == (8, 1e-2)
+      backbones.Conv4(filters=8, epsilon=1e-2, global_pool=True,
+                      pool_last_block=False).get_config())
+  assert (conv4.filters, conv4.epsilon, conv4.global_pool,
+          conv4.pool_last_block) == (8, 1e-2, True, False)
+  assert not conv4.blocks[3].pool and conv4.blocks[2].pool
 
 
 def test_get_backbone():

@@ -52,7 +52,11 @@ def test_make_config_names_the_bad_flag():
                           ({"jit_compile": True, "tasks_per_solve": 4},
                            "--tasks_per_solve"),
                           ({"train_on_validation": True},
-                           "--train_on_validation .*--validate_every=0")]:
+                           "--train_on_validation .*--validate_every=0"),
+                          ({"backbone": "identity", "global_pool": True},
+                           "--global_pool"),
+                          ({"backbone": "resnet12", "pool_last_block": False},
+                           "--nopool_last_block")]:
     with pytest.raises(training.ConfigError, match=flag):
       training.make_config(**overrides)
   with pytest.raises(training.ConfigError, match="Unknown configuration"):
@@ -289,7 +293,11 @@ def test_init_from_errors_name_the_flag(tmp_path, reference_run):
        f"--init_from={tmp_path}/nothing: No config.json"),
       ([f"--init_from={reference_run}", "--ways=4"],
        f"--init_from={reference_run} holds a model of another architecture: "
-       f"--ways=4 (there: 5)")]:
+       f"--ways=4 (there: 5)"),
+      ([f"--init_from={reference_run}", "--global_pool",
+        "--nopool_last_block"],
+       "--global_pool=True (there: False); --pool_last_block=False (there: "
+       "True)")]:
     model_dir = tmp_path / "run"
     args = [f"--model_dir={model_dir}"] + list(cli_helpers.TINY_ARGS) + extra
     result = cli_helpers.run("launch.train", args, timeout=120)

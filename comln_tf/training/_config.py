@@ -39,6 +39,13 @@ DEFAULTS = {
     "meta_batch_size": 16,
     # Model.
     "backbone": "conv4",
+    # Average the backbone's last feature map over space (d = its channels)
+    # instead of flattening it.
+    "global_pool": False,
+    # Conv-4 only: max-pool after the fourth block too. False with
+    # global_pool averages its whole map (at 28x28 the pooling keeps the
+    # top-left 2x2 of the 3x3 map), as MAML's Omniglot Conv-4 does.
+    "pool_last_block": True,
     "initial_t": 1.0,
     # Meta-learn T. False: T stays at initial_t for the whole run, also with
     # init_from (the loaded run's T is replaced).
@@ -162,6 +169,12 @@ def validate_config(config):
   _check_float(config, "momentum", 0.0, 1.0, low_open=False)
   _check_float(config, "weight_decay", 0.0, low_open=False)
   _check_float(config, "label_smoothing", 0.0, 1.0, low_open=False)
+  if config["backbone"] == "identity" and config["global_pool"]:
+    raise ConfigError("--global_pool needs --backbone=conv4 or resnet12 (the "
+                      "identity backbone has no feature map to pool).")
+  if config["backbone"] != "conv4" and not config["pool_last_block"]:
+    raise ConfigError(f"--nopool_last_block is for --backbone=conv4 only; got "
+                      f"--backbone={config['backbone']}.")
   if config["jit_compile"] and config["method"] == "backprop":
     raise ConfigError("--jit_compile needs --method=forward or adjoint (the "
                       "gradient of --method=backprop runs back through the "

@@ -45,10 +45,20 @@ def build_model(config, jit_compile=False):
       tie_init_rows=config["tie_init_rows"],
       jit_compile=jit_compile,
       tasks_per_solve=config.get("tasks_per_solve"))
-  model = COMLN(backbones.get_backbone(config["backbone"]), classifier,
+  model = COMLN(_backbone(config), classifier,
                 weight_decay=config["weight_decay"])
   model.build({"support_images": (None, None) + tuple(config["example_shape"])})
   return model
+
+
+def _backbone(config):
+  """The configured backbone layer (with its pooling options)."""
+  options = {}
+  if config["backbone"] != "identity":
+    options["global_pool"] = config["global_pool"]
+  if config["backbone"] == "conv4":
+    options["pool_last_block"] = config["pool_last_block"]
+  return backbones.get_backbone(config["backbone"], **options)
 
 
 def build_optimizer(config, model):
@@ -163,8 +173,9 @@ def model_from_checkpoint(config, path, jit_compile=False):
   return model
 
 
-# What the shapes of a model's variables depend on.
-_ARCHITECTURE_KEYS = ("backbone", "example_shape", "tie_init_rows")
+# What a model is: the shapes of its variables and the function they compute.
+_ARCHITECTURE_KEYS = ("backbone", "global_pool", "pool_last_block",
+                      "example_shape", "tie_init_rows")
 
 
 def init_checkpoint(config):
