@@ -17,7 +17,9 @@ The backbones:
 - `Conv4`: 4 blocks of 3x3 convolution (64 filters), per-task batch norm,
   ReLU and 2x2 max pooling, then flatten: d = 64 at 28x28 (Omniglot),
   d = 1600 at 84x84 (miniImageNet); or, with `pool_last_block=False,
-  global_pool=True`, the mean of the fourth block's unpooled map (d = 64).
+  global_pool=True`, the mean of the fourth block's unpooled map (d = 64);
+  or, with `downsample="stride", global_pool=True`, MAML's Omniglot Conv-4:
+  stride-2 convolutions instead of pooling, then the mean of the last map.
 - `ResNet12`: the ResNet-12 of MetaOptNet (Lee et al. 2019) used by COMLN:
   4 residual blocks with 64, 160, 320, 640 channels, 3x3 convolutions, leaky
   ReLU (slope 0.1) and 2x2 max pooling; no global pooling by default, so
@@ -128,7 +130,9 @@ class ConvBlock(keras.layers.Layer):
   Args:
     filters: int, output channels.
     epsilon: float, batch norm epsilon.
-    pool: bool, end with the 2x2 max pooling (False: keep H x W).
+    pool: bool, end with the 2x2 max pooling (False: keep the conv's map).
+    stride: int, 1 or 2, the convolution's stride ('same' padding, so 2
+      gives ceil(H / 2) x ceil(W / 2), as MAML's strided Conv-4).
     **kwargs: passed to `keras.layers.Layer`.
 
   Call args:
@@ -136,22 +140,33 @@ class ConvBlock(keras.layers.Layer):
     training: ignored (nothing in the block depends on it).
 
   Returns:
-    float32 [B, n, H // 2, W // 2, filters] ([B, n, H, W, filters] without
-    pooling).
+    float32 [B, n, H', W', filters], where the stride and then the pooling
+    each halve H and W (ceil for the stride, floor for the pooling).
   """
 
-  def __init__(self, filters, epsilon=1e-5, pool=True, **kwargs):
+  def __init__(self, filters, epsilon=1e-5, pool=True, stride=1, **kwargs):
     super().__init__(**kwargs)
+    if stride not in (1, 2):
+      raise ValueError(f"ConvBlock stride must be 1 or 2, got {stride!r}")
     self.filters = filters
     self.epsilon = epsilon
     self.pool = pool
-    self.conv = keras.layers.Conv2D(filters, 3, padding="same",
-                                    use_bias=False, name="conv")
+    self.stride = stride
+    self.conv = keras.layers.Conv2D(filters, 3, strides=stride,
+                                    padding="same", use_bias=False,
+                                    name="conv")
     self.norm = TaskBatchNormalization(epsilon, name="norm")
+
+  def _conv_shape(self, input_shape):
+    b, n, h, w, _ = input_shape
+    if self.stride == 2:
+      h = None if h is None else (h + 1) // 2
+      w = None if w is None else (w + 1) // 2
+    return (b, n, h, w, self.filters)
 
   def build(self, input_shape):
     self.conv.build((None,) + tuple(input_shape[2:]))
-    self.norm.build(tuple(input_shape[:-1]) + (self.filters,))
+    self.norm.build(self._conv_shape(tuple(input_shape)))
 
   def call(self, inputs, training=None):
     x = ops.relu(self.norm(_per_image(self.conv, inputs)))
@@ -160,13 +175,15 @@ class ConvBlock(keras.layers.Layer):
     return _per_image(lambda t: ops.max_pool(t, 2, 2), x)
 
   def compute_output_shape(self, input_shape):
+    shape = self._conv_shape(tuple(input_shape))
     if not self.pool:
-      return tuple(input_shape[:-1]) + (self.filters,)
-    return _pooled_shape(input_shape, self.filters)
+      return shape
+    return _pooled_shape(shape, self.filters)
 
   def get_config(self):
     return {**super().get_config(), "filters": self.filters,
-            "epsilon": self.epsilon, "pool": self.pool}
+            "epsilon": self.epsilon, "pool": self.pool,
+            "stride": self.stride}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -314,6 +331,10 @@ class _EpisodeBackbone(keras.layers.Layer):
     return {**super().get_config(), "global_pool": self.global_pool}
 
 
+# How `Conv4`'s blocks halve the map.
+CONV4_DOWNSAMPLING = ("max_pool", "stride")
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class Conv4(_EpisodeBackbone):
   """Conv-4 backbone (Vinyals et al. 2016; MAML; COMLN Table 2).
@@ -325,14 +346,19 @@ class Conv4(_EpisodeBackbone):
   At 28x28 the last block's map is 3x3, and its 2x2 pooling (floor) keeps
   only the top-left 2x2 cells. `pool_last_block=False, global_pool=True`
   averages the whole 3x3 map instead (d = 64), as MAML's Omniglot Conv-4
-  averages its last map.
+  averages its last map. `downsample="stride", global_pool=True` is MAML's
+  Omniglot Conv-4 itself: each block's convolution has stride 2 and no
+  pooling follows (28 -> 14 -> 7 -> 4 -> 2), and the 2x2 map is averaged.
 
   Args:
     filters: int, channels of every block.
     epsilon: float, batch norm epsilon.
     global_pool: bool, average over space instead of flattening (d = filters).
     pool_last_block: bool, max-pool after the fourth block too (False: its
-      map is flattened or, with `global_pool`, averaged unpooled).
+      map is flattened or, with `global_pool`, averaged unpooled). Only with
+      `downsample="max_pool"`.
+    downsample: str, how each block halves the map: "max_pool" (2x2 max
+      pooling after the ReLU) or "stride" (stride-2 convolution).
     **kwargs: passed to `keras.layers.Layer`.
 
   Call args:
@@ -345,18 +371,29 @@ class Conv4(_EpisodeBackbone):
   """
 
   def __init__(self, filters=64, epsilon=1e-5, global_pool=False,
-               pool_last_block=True, **kwargs):
+               pool_last_block=True, downsample="max_pool", **kwargs):
     super().__init__(global_pool=global_pool, **kwargs)
+    if downsample not in CONV4_DOWNSAMPLING:
+      raise ValueError(f"Conv4 downsample must be one of "
+                       f"{CONV4_DOWNSAMPLING}, got {downsample!r}")
+    if downsample == "stride" and not pool_last_block:
+      raise ValueError("Conv4 pool_last_block=False is for "
+                       "downsample='max_pool' (strided blocks do not pool)")
     self.filters = filters
     self.epsilon = epsilon
     self.pool_last_block = pool_last_block
-    self.blocks = [ConvBlock(filters, epsilon, pool=i < 3 or pool_last_block,
-                             name=f"block{i}")
-                   for i in range(4)]
+    self.downsample = downsample
+    strided = downsample == "stride"
+    self.blocks = [
+        ConvBlock(filters, epsilon,
+                  pool=not strided and (i < 3 or pool_last_block),
+                  stride=2 if strided else 1, name=f"block{i}")
+        for i in range(4)]
 
   def get_config(self):
     return {**super().get_config(), "filters": self.filters,
-            "epsilon": self.epsilon, "pool_last_block": self.pool_last_block}
+            "epsilon": self.epsilon, "pool_last_block": self.pool_last_block,
+            "downsample": self.downsample}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

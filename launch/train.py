@@ -58,7 +58,10 @@ flags.DEFINE_bool("global_pool", _D["global_pool"],
 flags.DEFINE_bool("pool_last_block", _D["pool_last_block"],
                   "Conv-4: max-pool after the fourth block too. "
                   "--nopool_last_block --global_pool averages its whole map "
-                  "(MAML's Omniglot Conv-4).")
+                  "(as MAML's Omniglot Conv-4 averages its last map).")
+flags.DEFINE_enum("downsample", _D["downsample"], training.DOWNSAMPLING,
+                  "Conv-4: how each block halves its map; stride with "
+                  "--global_pool is MAML's Omniglot Conv-4.")
 flags.DEFINE_float("initial_t", _D["initial_t"],
                    "Initial integration time T (learned as log T).")
 flags.DEFINE_bool("train_t", _D["train_t"],

@@ -66,6 +66,66 @@ def test_conv4_last_block_pooling_options():
   assert unpooled.compute_output_shape((None, 5, 28, 28, 1)) == (None, 5, 576)
 
 
+def _strided_block_reference(images, kernel, gamma, beta, epsilon):
+  """NumPy ConvBlock(stride=2, pool=False): conv, per-task norm, ReLU.
+
+  A stride-2 'same' convolution is the stride-1 one sampled every second
+  position, starting where TensorFlow's padding puts the first window: it
+  pads (kernel - 1) - (size - 1) % 2 in all, the smaller half first, so an
+  even size starts at 1 (no padding before) and an odd one at 0.
+  """
+  b, n, h, w, _ = images.shape
+  padded = np.pad(images, [(0, 0), (0, 0), (1, 1), (1, 1), (0, 0)])
+  full = sum(np.einsum("bnhwc,cf->bnhwf",
+                       padded[:, :, i:i + h, j:j + w], kernel[i, j])
+             for i in range(3) for j in range(3))
+  conv = full[:, :, 1 - h % 2::2, 1 - w % 2::2]
+  mean = conv.mean(axis=(1, 2, 3), keepdims=True)
+  variance = conv.var(axis=(1, 2, 3), keepdims=True)
+  normalized = (conv - mean) / np.sqrt(variance + epsilon) * gamma + beta
+  return np.maximum(normalized, 0.0)
+
+
+@pytest.mark.parametrize("size", [8, 7])
+def test_strided_conv_block_matches_numpy(size):
+  images = _images(2, 3, size, size, 2)
+  block = backbones.ConvBlock(4, epsilon=1e-3, pool=False, stride=2)
+  block.build(images.shape)
+  rng = np.random.default_rng(1)
+  kernel = rng.normal(size=(3, 3, 2, 4)).astype(np.float32)
+  gamma = rng.uniform(0.5, 1.5, 4).astype(np.float32)
+  beta = rng.normal(size=4).astype(np.float32)
+  block.set_weights([kernel, gamma, beta])
+  expected = _strided_block_reference(images, kernel, gamma, beta, 1e-3)
+  half = (size + 1) // 2
+  assert expected.shape == (2, 3, half, half, 4)
+  np.testing.assert_allclose(block(images).numpy(), expected, atol=1e-4)
+  assert block.compute_output_shape(images.shape) == expected.shape
+
+
+def test_conv4_strided_is_mamls_omniglot_network():
+  # MAML's Omniglot Conv-4: four stride-2 blocks, 28 -> 14 -> 7 -> 4 -> 2,
+  # no pooling, then the mean of the 2x2 map (flattened: d = 2 * 2 * 64).
+  images = _images(2, 3, 28, 28, 1)
+  flat = backbones.Conv4(downsample="stride")
+  flat_out = _embed(flat, images)
+  assert flat_out.shape == (2, 3, 256)
+  assert not any(block.pool for block in flat.blocks)
+  assert [block.conv.strides for block in flat.blocks] == [(2, 2)] * 4
+  mean = backbones.Conv4(downsample="stride", global_pool=True)
+  mean.build(images.shape)
+  mean.set_weights(flat.get_weights())
+  np.testing.assert_allclose(
+      _embed(mean, images), flat_out.reshape(2, 3, 4, 64).mean(axis=2),
+      atol=1e-5)
+  assert mean.compute_output_shape((None, 5, 28, 28, 1)) == (None, 5, 64)
+  for kwargs, match in [(dict(downsample="avg_pool"), "downsample"),
+                        (dict(downsample="stride", pool_last_block=False),
+                         "pool_last_block")]:
+    with pytest.raises(ValueError, match=match):
+      backbones.Conv4(**kwargs)
+
+
 @pytest.mark.parametrize("make", [backbones.Conv4,
                                   lambda: backbones.ResNet12(**TINY_RESNET)])
 def test_single_task_input(make):
@@ -129,6 +189,7 @@ def test_normalization_is_per_task(make):
 @pytest.mark.parametrize("name, kwargs, shape", [
     ("conv4", {}, (3, 28, 28, 1)),
     ("conv4", dict(global_pool=True, pool_last_block=False), (3, 28, 28, 1)),
+    ("conv4", dict(global_pool=True, downsample="stride"), (3, 28, 28, 1)),
     ("resnet12", dict(global_pool=True, **TINY_RESNET), (3, 16, 16, 3)),
     ("identity", {}, (3, 10)),
 ])
@@ -158,6 +219,10 @@ def test_get_config_is_complete():
   assert (conv4.filters, conv4.epsilon, conv4.global_pool,
           conv4.pool_last_block) == (8, 1e-2, True, False)
   assert not conv4.blocks[3].pool and conv4.blocks[2].pool
+  strided = backbones.Conv4.from_config(
+      backbones.Conv4(downsample="stride").get_config())
+  assert strided.downsample == "stride"
+  assert [block.stride for block in strided.blocks] == [2] * 4
 
 
 def test_get_backbone():

@@ -56,6 +56,11 @@ def test_make_config_names_the_bad_flag():
                           ({"backbone": "identity", "global_pool": True},
                            "--global_pool"),
                           ({"backbone": "resnet12", "pool_last_block": False},
+                           "--nopool_last_block"),
+                          ({"downsample": "avg_pool"}, "--downsample"),
+                          ({"backbone": "resnet12", "downsample": "stride"},
+                           "--downsample"),
+                          ({"downsample": "stride", "pool_last_block": False},
                            "--nopool_last_block")]:
     with pytest.raises(training.ConfigError, match=flag):
       training.make_config(**overrides)

@@ -34,6 +34,7 @@ from comln_tf.training._config import CONFIG_FILE
 from comln_tf.training._config import ConfigError
 from comln_tf.training._config import DATASETS
 from comln_tf.training._config import DEFAULTS
+from comln_tf.training._config import DOWNSAMPLING
 from comln_tf.training._config import METHODS
 from comln_tf.training._config import OPTIMIZERS
 from comln_tf.training._config import RESUMABLE_KEYS
@@ -65,8 +66,8 @@ from comln_tf.training._models import restore_model
 
 __all__ = [
     "BACKBONES", "BEST_DIR", "CONFIG_FILE", "ConfigError", "DATASETS",
-    "DEFAULTS", "DivergedError", "METHODS", "OPTIMIZERS", "RESUMABLE_KEYS",
-    "SOLVERS",
+    "DEFAULTS", "DOWNSAMPLING", "DivergedError", "METHODS", "OPTIMIZERS",
+    "RESUMABLE_KEYS", "SOLVERS",
     "STRATEGIES", "build_model", "build_optimizer", "check_resume",
     "check_episodes", "checkpoint_path", "checkpoint_step", "evaluate_run",
     "is_chief", "load_config", "load_data", "load_splits", "make_checkpoint",

@@ -12,6 +12,7 @@ import os
 
 import tensorflow as tf
 
+from comln_tf import backbones
 from comln_tf import data
 from comln_tf import evaluation
 
@@ -19,6 +20,7 @@ CONFIG_FILE = "config.json"
 
 DATASETS = data.available_sources()
 BACKBONES = ("conv4", "resnet12", "identity")
+DOWNSAMPLING = backbones.CONV4_DOWNSAMPLING
 METHODS = ("forward", "backprop", "adjoint")
 SOLVERS = ("dopri5", "rk4", "euler")
 OPTIMIZERS = ("sgd", "adam")
@@ -46,6 +48,10 @@ DEFAULTS = {
     # global_pool averages its whole map (at 28x28 the pooling keeps the
     # top-left 2x2 of the 3x3 map), as MAML's Omniglot Conv-4 does.
     "pool_last_block": True,
+    # Conv-4 only: how each block halves its map, "max_pool" (the paper's)
+    # or "stride" (stride-2 convolutions: MAML's Omniglot Conv-4, with
+    # global_pool).
+    "downsample": "max_pool",
     "initial_t": 1.0,
     # Meta-learn T. False: T stays at initial_t for the whole run, also with
     # init_from (the loaded run's T is replaced).
@@ -145,8 +151,9 @@ def validate_config(config):
     ConfigError: naming the flag of the first bad value.
   """
   for key, choices in (("dataset", DATASETS), ("backbone", BACKBONES),
-                       ("method", METHODS), ("solver", SOLVERS),
-                       ("optimizer", OPTIMIZERS), ("strategy", STRATEGIES)):
+                       ("downsample", DOWNSAMPLING), ("method", METHODS),
+                       ("solver", SOLVERS), ("optimizer", OPTIMIZERS),
+                       ("strategy", STRATEGIES)):
     _check_choice(config, key, choices)
   for key, minimum in (("ways", 2), ("shots", 1), ("queries", 1),
                        ("meta_batch_size", 1), ("max_solver_steps", 1),
@@ -175,6 +182,12 @@ def validate_config(config):
   if config["backbone"] != "conv4" and not config["pool_last_block"]:
     raise ConfigError(f"--nopool_last_block is for --backbone=conv4 only; got "
                       f"--backbone={config['backbone']}.")
+  if config["downsample"] != "max_pool" and config["backbone"] != "conv4":
+    raise ConfigError(f"--downsample is for --backbone=conv4 only; got "
+                      f"--backbone={config['backbone']}.")
+  if config["downsample"] == "stride" and not config["pool_last_block"]:
+    raise ConfigError("--nopool_last_block is for --downsample=max_pool "
+                      "(strided blocks do not pool).")
   if config["jit_compile"] and config["method"] == "backprop":
     raise ConfigError("--jit_compile needs --method=forward or adjoint (the "
                       "gradient of --method=backprop runs back through the "

@@ -58,6 +58,7 @@ def _backbone(config):
     options["global_pool"] = config["global_pool"]
   if config["backbone"] == "conv4":
     options["pool_last_block"] = config["pool_last_block"]
+    options["downsample"] = config["downsample"]
   return backbones.get_backbone(config["backbone"], **options)
 
 
@@ -175,7 +176,7 @@ def model_from_checkpoint(config, path, jit_compile=False):
 
 # What a model is: the shapes of its variables and the function they compute.
 _ARCHITECTURE_KEYS = ("backbone", "global_pool", "pool_last_block",
-                      "example_shape", "tie_init_rows")
+                      "downsample", "example_shape", "tie_init_rows")
 
 
 def init_checkpoint(config):
