@@ -2,16 +2,22 @@
 
 Public API:
   adapt: gradient-flow adaptation of a linear classifier with exact
-    meta-gradients (forward-mode, backprop or adjoint).
-  Forward, Backprop, Adjoint: gradient methods (strategy objects for adapt).
+    meta-gradients (forward-mode, discrete adjoint, backprop or adjoint).
+  Forward, DiscreteAdjoint, Backprop, Adjoint, Auto: gradient methods
+    (strategy objects for adapt).
   Dopri5, RK4, Euler: ODE solvers (strategy objects for adapt).
+  TFPSolver: TensorFlow Probability's DormandPrince or BDF as the solver.
   SolveStats: what a solve cost.
   reduced_vector_field: the inner problem's flow in reduced coordinates.
   layers.GradientFlowClassifier: the adaptation as a Keras layer.
 """
 
+__version__ = "0.1.0"
+
 from comln_tf import layers
 from comln_tf._adapt import adapt
+from comln_tf._discrete_adjoint import Auto
+from comln_tf._discrete_adjoint import DiscreteAdjoint
 from comln_tf._gradient_methods import Adjoint
 from comln_tf._gradient_methods import Backprop
 from comln_tf._gradient_methods import Forward
@@ -23,7 +29,23 @@ from comln_tf._solvers import RK4
 from comln_tf._solvers import SolveStats
 from comln_tf._solvers import Solver
 
+# Registers "tfp_dopri5" and "tfp_bdf"; imports TFP only when one is used.
+from comln_tf._tfp_solvers import TFPSolver
+
 __all__ = [
-    "adapt", "layers", "Adjoint", "Backprop", "Forward", "GradientMethod",
-    "reduced_vector_field", "Dopri5", "Euler", "RK4", "SolveStats", "Solver",
+  "adapt",
+  "layers",
+  "Adjoint",
+  "Auto",
+  "Backprop",
+  "DiscreteAdjoint",
+  "Forward",
+  "GradientMethod",
+  "reduced_vector_field",
+  "Dopri5",
+  "Euler",
+  "RK4",
+  "SolveStats",
+  "Solver",
+  "TFPSolver",
 ]

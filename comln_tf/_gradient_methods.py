@@ -41,8 +41,16 @@ def _weights_from_state(init_weights, support_embeddings, s):
   return init_weights[None] - tf.matmul(s, support_embeddings, transpose_a=True)
 
 
-def _vjp(init_weights, support_embeddings, labels, t_final, s_final,
-         d_weights, d_logits0, d_gram_sym):
+def _vjp(
+  init_weights,
+  support_embeddings,
+  labels,
+  t_final,
+  s_final,
+  d_weights,
+  d_logits0,
+  d_gram_sym,
+):
   """Gradients of the loss with respect to (W0, X, t_final).
 
   Given dL/dW(T), dL/dL0 and dL/dG + (dL/dG)^T (the latter two through s),
@@ -57,15 +65,19 @@ def _vjp(init_weights, support_embeddings, labels, t_final, s_final,
     (dL/dW0 [N, d], dL/dX [B, M, d], dL/dT scalar).
   """
   d_init = tf.reduce_sum(d_weights, 0) + tf.reduce_sum(
-      tf.matmul(d_logits0, support_embeddings, transpose_a=True), 0)
-  d_support = (-tf.matmul(s_final, d_weights) +
-               tf.einsum("bmn,nd->bmd", d_logits0, init_weights) +
-               tf.matmul(d_gram_sym, support_embeddings))
+    tf.matmul(d_logits0, support_embeddings, transpose_a=True), 0
+  )
+  d_support = (
+    -tf.matmul(s_final, d_weights)
+    + tf.einsum("bmn,nd->bmd", d_logits0, init_weights)
+    + tf.matmul(d_gram_sym, support_embeddings)
+  )
   # dW/dT = -f(s(T))^T X, so dL/dT = <dL/ds(T), f(s(T))>.
   logits0, gram = _logits_and_gram(init_weights, support_embeddings)
   d_state = _state_cotangent(support_embeddings, d_weights)
-  d_time = tf.reduce_sum(d_state * _reduced.reduced_vector_field(
-      s_final, logits0, gram, labels))
+  d_time = tf.reduce_sum(
+    d_state * _reduced.reduced_vector_field(s_final, logits0, gram, labels)
+  )
   return d_init, d_support, tf.reshape(d_time, tf.shape(t_final))
 
 
@@ -79,8 +91,15 @@ class GradientMethod:
 
   name = "method"
 
-  def __call__(self, init_weights, support_embeddings, labels, t_final,
-               solver: _solvers.Solver, max_steps: int):
+  def __call__(
+    self,
+    init_weights,
+    support_embeddings,
+    labels,
+    t_final,
+    solver: _solvers.Solver,
+    max_steps: int,
+  ):
     """Adapts the weights of a batch of tasks.
 
     Args:
@@ -119,14 +138,19 @@ def _probe_direction(logits0, gram):
   one of the forward method's unit sensitivities. A fixed seed: the same
   inputs always give the same steps.
   """
-  d_logits0 = tf.random.stateless_normal(tf.shape(logits0), seed=[17, 0],
-                                         dtype=logits0.dtype)
-  upper = tf.linalg.band_part(tf.random.stateless_normal(
-      tf.shape(gram), seed=[17, 1], dtype=gram.dtype), 0, -1)
+  d_logits0 = tf.random.stateless_normal(
+    tf.shape(logits0), seed=[17, 0], dtype=logits0.dtype
+  )
+  upper = tf.linalg.band_part(
+    tf.random.stateless_normal(tf.shape(gram), seed=[17, 1], dtype=gram.dtype),
+    0,
+    -1,
+  )
   d_gram = upper + tf.linalg.matrix_transpose(upper)
   num_examples, num_classes = tf.unstack(tf.shape(logits0)[1:])
-  scale = tf.math.rsqrt(tf.cast(
-      _reduced.num_directions(num_examples, num_classes), logits0.dtype))
+  scale = tf.math.rsqrt(
+    tf.cast(_reduced.num_directions(num_examples, num_classes), logits0.dtype)
+  )
   return d_logits0 * scale, d_gram * scale
 
 
@@ -151,19 +175,21 @@ class Backprop(GradientMethod):
     tangent_control: carry the probe tangent (True) or control s alone
       (False: cheaper, for a plain solve with no gradient, e.g. inference).
   """
+
   tangent_control: bool = True
   name = "backprop"
 
-  def __call__(self, init_weights, support_embeddings, labels, t_final,
-               solver, max_steps):
+  def __call__(
+    self, init_weights, support_embeddings, labels, t_final, solver, max_steps
+  ):
     logits0, gram = _logits_and_gram(init_weights, support_embeddings)
     s0 = _zero_state(support_embeddings, labels)
-    field_of = lambda s: _reduced.reduced_vector_field(s, logits0, gram,
-                                                       labels)
+    field_of = lambda s: _reduced.reduced_vector_field(s, logits0, gram, labels)
     if not self.tangent_control:
       s_final, stats = solver.integrate(field_of, s0, t_final, max_steps)
-      return _weights_from_state(init_weights, support_embeddings,
-                                 s_final), stats
+      return _weights_from_state(
+        init_weights, support_embeddings, s_final
+      ), stats
     fixed_logits0, fixed_gram = _unwatched(logits0, gram)
     probe_logits0, probe_gram = _probe_direction(fixed_logits0, fixed_gram)
 
@@ -177,18 +203,20 @@ class Backprop(GradientMethod):
       # isolated.)
       fixed_s, probe = _unwatched(s, probe)
       with tf.autodiff.ForwardAccumulator(
-          primals=(fixed_s, fixed_logits0, fixed_gram),
-          tangents=(probe, probe_logits0, probe_gram)) as accumulator:
+        primals=(fixed_s, fixed_logits0, fixed_gram),
+        tangents=(probe, probe_logits0, probe_gram),
+      ) as accumulator:
         fixed_field = _reduced.reduced_vector_field(
-            fixed_s, fixed_logits0, fixed_gram, labels)
+          fixed_s, fixed_logits0, fixed_gram, labels
+        )
       # tf.stop_gradient on the JVP too: without it tf2xla fails to build
       # the gradient of the solver's conditional around this function.
       return field_of(s), tf.stop_gradient(accumulator.jvp(fixed_field))
 
-    (s_final, _), stats = solver.integrate(vector_field, (s0, s0), t_final,
-                                           max_steps)
-    return _weights_from_state(init_weights, support_embeddings,
-                               s_final), stats
+    (s_final, _), stats = solver.integrate(
+      vector_field, (s0, s0), t_final, max_steps
+    )
+    return _weights_from_state(init_weights, support_embeddings, s_final), stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,55 +228,80 @@ class Forward(GradientMethod):
       "accumulator" (`tf.autodiff.ForwardAccumulator` on the vector field;
       follows any change of the inner loss). Both give the same result.
   """
+
   tangent_field: str = "closed_form"
   name = "forward"
 
   def __post_init__(self):
     if self.tangent_field not in _reduced.TANGENT_FIELDS:
       raise ValueError(
-          f"tangent_field must be one of {sorted(_reduced.TANGENT_FIELDS)}, "
-          f"got {self.tangent_field!r}.")
+        f"tangent_field must be one of {sorted(_reduced.TANGENT_FIELDS)}, "
+        f"got {self.tangent_field!r}."
+      )
 
-  def __call__(self, init_weights, support_embeddings, labels, t_final,
-               solver, max_steps):
+  def __call__(
+    self, init_weights, support_embeddings, labels, t_final, solver, max_steps
+  ):
     tangent_field = _reduced.TANGENT_FIELDS[self.tangent_field]
 
     @tf.custom_gradient
     def adapt_with_sensitivities(init_weights, support_embeddings, t_final):
       init_weights, support_embeddings, t_final = _unwatched(
-          init_weights, support_embeddings, t_final)
+        init_weights, support_embeddings, t_final
+      )
       logits0, gram = _logits_and_gram(init_weights, support_embeddings)
       s0 = _zero_state(support_embeddings, labels)
       batch, num_examples, num_classes = tf.unstack(tf.shape(s0))
       # The solve carries N - 1 classes of each tangent (the last is minus
       # their sum, see _reduced.drop_last_class): 20% less memory at N = 5.
       tangents0 = tf.zeros(
-          [batch, num_examples,
-           _reduced.num_directions(num_examples, num_classes),
-           num_classes - 1], s0.dtype)
+        [
+          batch,
+          num_examples,
+          _reduced.num_directions(num_examples, num_classes),
+          num_classes - 1,
+        ],
+        s0.dtype,
+      )
 
       def vector_field(state):
         s, tangents = state
-        return (_reduced.reduced_vector_field(s, logits0, gram, labels),
-                tangent_field(s, tangents, logits0, gram, labels))
+        return (
+          _reduced.reduced_vector_field(s, logits0, gram, labels),
+          tangent_field(s, tangents, logits0, gram, labels),
+        )
 
       (s_final, tangents_final), stats = solver.integrate(
-          vector_field, (s0, tangents0), t_final, max_steps)
+        vector_field, (s0, tangents0), t_final, max_steps
+      )
       tangents_final = _reduced.restore_last_class(tangents_final)
       weights = _weights_from_state(init_weights, support_embeddings, s_final)
 
       def grad(d_weights, *unused_stat_grads):
         d_state = _state_cotangent(support_embeddings, d_weights)
         d_logits0, d_gram_sym = _reduced.contract_sensitivities(
-            tangents_final, d_state)
-        return _vjp(init_weights, support_embeddings, labels, t_final,
-                    s_final, d_weights, d_logits0, d_gram_sym)
+          tangents_final, d_state
+        )
+        return _vjp(
+          init_weights,
+          support_embeddings,
+          labels,
+          t_final,
+          s_final,
+          d_weights,
+          d_logits0,
+          d_gram_sym,
+        )
 
-      return (weights, stats.num_evals, stats.num_steps, stats.finished), grad
+      # Every field, as tensors: TFP's BDF also counts Jacobians.
+      return (weights,) + tuple(
+        tf.nest.map_structure(tf.convert_to_tensor, stats)
+      ), grad
 
-    weights, num_evals, num_steps, finished = adapt_with_sensitivities(
-        init_weights, support_embeddings, t_final)
-    return weights, _solvers.SolveStats(num_evals, num_steps, finished)
+    weights, *stats = adapt_with_sensitivities(
+      init_weights, support_embeddings, t_final
+    )
+    return weights, _solvers.SolveStats(*stats)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,19 +312,25 @@ class Adjoint(GradientMethod):
   reverse, which is gradient ascent on the support loss: errors grow, and
   for long T the gradient is inaccurate (the paper's Fig. 2).
   """
+
   name = "adjoint"
 
-  def __call__(self, init_weights, support_embeddings, labels, t_final,
-               solver, max_steps):
+  def __call__(
+    self, init_weights, support_embeddings, labels, t_final, solver, max_steps
+  ):
 
     @tf.custom_gradient
     def adapt_with_adjoint(init_weights, support_embeddings, t_final):
       init_weights, support_embeddings, t_final = _unwatched(
-          init_weights, support_embeddings, t_final)
+        init_weights, support_embeddings, t_final
+      )
       logits0, gram = _logits_and_gram(init_weights, support_embeddings)
       s_final, stats = solver.integrate(
-          lambda s: _reduced.reduced_vector_field(s, logits0, gram, labels),
-          _zero_state(support_embeddings, labels), t_final, max_steps)
+        lambda s: _reduced.reduced_vector_field(s, logits0, gram, labels),
+        _zero_state(support_embeddings, labels),
+        t_final,
+        max_steps,
+      )
       weights = _weights_from_state(init_weights, support_embeddings, s_final)
 
       def grad(d_weights, *unused_stat_grads):
@@ -283,26 +342,38 @@ class Adjoint(GradientMethod):
           with tf.GradientTape() as tape:
             tape.watch([s, logits0, gram])
             field = _reduced.reduced_vector_field(s, logits0, gram, labels)
-          vjps = tape.gradient(field, [s, logits0, gram],
-                               output_gradients=adjoint_s)
+          vjps = tape.gradient(
+            field, [s, logits0, gram], output_gradients=adjoint_s
+          )
           # Time runs from T down to 0: ds/d(-t) = -f, and the adjoints
           # accumulate +a^T df/d(s, L0, G).
           return (-field, vjps[0], vjps[1], vjps[2])
 
         d_state = _state_cotangent(support_embeddings, d_weights)
         (_, _, d_logits0, d_gram), backward_stats = solver.integrate(
-            reversed_field,
-            (s_final, d_state, tf.zeros_like(logits0), tf.zeros_like(gram)),
-            t_final, max_steps)
+          reversed_field,
+          (s_final, d_state, tf.zeros_like(logits0), tf.zeros_like(gram)),
+          t_final,
+          max_steps,
+        )
         d_logits0 = poison_unless(backward_stats.finished, d_logits0)
         d_gram_sym = d_gram + tf.linalg.matrix_transpose(d_gram)
-        return _vjp(init_weights, support_embeddings, labels, t_final,
-                    s_final, d_weights, d_logits0, d_gram_sym)
+        return _vjp(
+          init_weights,
+          support_embeddings,
+          labels,
+          t_final,
+          s_final,
+          d_weights,
+          d_logits0,
+          d_gram_sym,
+        )
 
       return (weights, stats.num_evals, stats.num_steps, stats.finished), grad
 
     weights, num_evals, num_steps, finished = adapt_with_adjoint(
-        init_weights, support_embeddings, t_final)
+      init_weights, support_embeddings, t_final
+    )
     return weights, _solvers.SolveStats(num_evals, num_steps, finished)
 
 
@@ -311,10 +382,14 @@ def poison_unless(ok, value):
 
   Needed under XLA, which compiles away `tf.debugging` assertions.
   """
-  return tf.where(ok, value, tf.fill(tf.shape(value),
-                                     tf.constant(float("nan"), value.dtype)))
+  return tf.where(
+    ok, value, tf.fill(tf.shape(value), tf.constant(float("nan"), value.dtype))
+  )
 
 
+# Name -> a callable returning the method with its default settings.
+# comln_tf._discrete_adjoint adds "discrete_adjoint" and "auto" when
+# comln_tf is imported (it builds on this module).
 METHODS = {"forward": Forward, "backprop": Backprop, "adjoint": Adjoint}
 
 
@@ -325,5 +400,6 @@ def make_method(method) -> GradientMethod:
   if method in METHODS:
     return METHODS[method]()
   raise ValueError(
-      f"method must be one of {sorted(METHODS)} or a comln_tf GradientMethod, "
-      f"got {method!r}.")
+    f"method must be one of {sorted(METHODS)} or a comln_tf GradientMethod, "
+    f"got {method!r}."
+  )

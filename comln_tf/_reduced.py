@@ -34,7 +34,6 @@ Two interchangeable ways compute the tangent field (`TANGENT_FIELDS`):
 
 import tensorflow as tf
 
-
 # Per task, the most multiply-adds for which `gram_matmul` uses a broadcast
 # product instead of a dot.
 _SMALL_PRODUCT = 256
@@ -60,8 +59,11 @@ def gram_matmul(gram, x):
     [B, M, C].
   """
   num_examples, columns = gram.shape[-1], x.shape[-1]
-  if (num_examples is not None and columns is not None and
-      num_examples * num_examples * columns <= _SMALL_PRODUCT):
+  if (
+    num_examples is not None
+    and columns is not None
+    and num_examples * num_examples * columns <= _SMALL_PRODUCT
+  ):
     return tf.reduce_sum(gram[..., :, :, None] * x[..., None, :, :], axis=-2)
   return tf.matmul(gram, x)
 
@@ -101,10 +103,12 @@ def _logit0_forcing(num_examples, num_classes, dtype):
   """
   classes = num_classes - 1
   size = num_examples * classes
-  eye = tf.reshape(tf.eye(size, dtype=dtype),
-                   [num_examples, classes, num_examples, classes])
-  eye = tf.reshape(tf.transpose(eye, [0, 2, 3, 1]),
-                   [num_examples, size, classes])
+  eye = tf.reshape(
+    tf.eye(size, dtype=dtype), [num_examples, classes, num_examples, classes]
+  )
+  eye = tf.reshape(
+    tf.transpose(eye, [0, 2, 3, 1]), [num_examples, size, classes]
+  )
   return tf.pad(eye, [[0, 0], [0, 0], [0, 1]])
 
 
@@ -141,24 +145,35 @@ def _closed_form_tangent_field(s, tangents, logits0, gram, labels):
     s_part = s[..., classes]
     s_at_j = tf.gather(s_part, pairs[:, 1], axis=1)[:, None]  # [B,1,K_G,C]
     s_at_m = tf.gather(s_part, pairs[:, 0], axis=1)[:, None]
-    gram_forcing = -(rows_m[None, :, :, None] * s_at_j +
-                     rows_j[None, :, :, None] * s_at_m)  # [B, M, K_G, C]
+    gram_forcing = -(
+      rows_m[None, :, :, None] * s_at_j + rows_j[None, :, :, None] * s_at_m
+    )  # [B, M, K_G, C]
     eye_part = logit0_forcing[..., classes]
-    return tf.concat([
-        tf.broadcast_to(eye_part[None], tf.concat(
-            [[batch], tf.shape(eye_part)], 0)), gram_forcing], axis=2)
+    return tf.concat(
+      [
+        tf.broadcast_to(
+          eye_part[None], tf.concat([[batch], tf.shape(eye_part)], 0)
+        ),
+        gram_forcing,
+      ],
+      axis=2,
+    )
 
   # G @ tangents as one matmul over all directions and classes.
   flat = tf.reshape(tangents, [batch, num_examples, -1])
-  coupled = tf.reshape(gram_matmul(gram, flat),
-                       [batch, num_examples, num_directions, num_classes - 1])
+  coupled = tf.reshape(
+    gram_matmul(gram, flat),
+    [batch, num_examples, num_directions, num_classes - 1],
+  )
   dlogits = forcing(slice(None, -1)) - coupled
-  dlogits_last = forcing(slice(-1, None)) + tf.reduce_sum(coupled, -1,
-                                                           keepdims=True)
+  dlogits_last = forcing(slice(-1, None)) + tf.reduce_sum(
+    coupled, -1, keepdims=True
+  )
   # Softmax Jacobian row by row, (A_i v)_c = p_c (v_c - p_i . v), in O(N).
   p = probs[:, :, None, :]
   p_dot_v = tf.reduce_sum(p[..., :-1] * dlogits, axis=-1, keepdims=True) + (
-      p[..., -1:] * dlogits_last)
+    p[..., -1:] * dlogits_last
+  )
   return p[..., :-1] * (dlogits - p_dot_v) / tf.cast(num_examples, s.dtype)
 
 
@@ -167,19 +182,28 @@ def _direction_tangents(num_examples, num_classes, dtype):
   size = num_examples * (num_classes - 1)
   pairs = gram_directions(num_examples)
   num_gram = tf.shape(pairs)[0]
-  d_logits0 = tf.concat([
-      tf.pad(tf.reshape(tf.eye(size, dtype=dtype),
-                        [size, num_examples, num_classes - 1]),
-             [[0, 0], [0, 0], [0, 1]]),
-      tf.zeros([num_gram, num_examples, num_classes], dtype)
-  ], axis=0)
+  d_logits0 = tf.concat(
+    [
+      tf.pad(
+        tf.reshape(
+          tf.eye(size, dtype=dtype), [size, num_examples, num_classes - 1]
+        ),
+        [[0, 0], [0, 0], [0, 1]],
+      ),
+      tf.zeros([num_gram, num_examples, num_classes], dtype),
+    ],
+    axis=0,
+  )
   rows_m = tf.one_hot(pairs[:, 0], num_examples, dtype=dtype)  # [K_G, M]
   rows_j = tf.one_hot(pairs[:, 1], num_examples, dtype=dtype)
-  d_gram = tf.concat([
+  d_gram = tf.concat(
+    [
       tf.zeros([size, num_examples, num_examples], dtype),
-      rows_m[:, :, None] * rows_j[:, None, :] +
-      rows_j[:, :, None] * rows_m[:, None, :]
-  ], axis=0)
+      rows_m[:, :, None] * rows_j[:, None, :]
+      + rows_j[:, :, None] * rows_m[:, None, :],
+    ],
+    axis=0,
+  )
   return d_logits0, d_gram
 
 
@@ -195,29 +219,35 @@ def _accumulator_tangent_field(s, tangents, logits0, gram, labels):
   def one_direction(direction):
     ds, dl0, dg = direction
     with tf.autodiff.ForwardAccumulator(
-        primals=(s, logits0, gram),
-        tangents=(ds, tf.broadcast_to(dl0, tf.shape(logits0)),
-                  tf.broadcast_to(dg, tf.shape(gram)))) as accumulator:
+      primals=(s, logits0, gram),
+      tangents=(
+        ds,
+        tf.broadcast_to(dl0, tf.shape(logits0)),
+        tf.broadcast_to(dg, tf.shape(gram)),
+      ),
+    ) as accumulator:
       field = reduced_vector_field(s, logits0, gram, labels)
     return accumulator.jvp(field)
 
   # The primal does not depend on the direction, so vectorized_map computes
   # it once and batches only the tangent computation.
   per_direction = tf.vectorized_map(
-      one_direction, (tf.transpose(tangents, [2, 0, 1, 3]), d_logits0, d_gram))
+    one_direction, (tf.transpose(tangents, [2, 0, 1, 3]), d_logits0, d_gram)
+  )
   return drop_last_class(tf.transpose(per_direction, [1, 2, 0, 3]))
 
 
 TANGENT_FIELDS = {
-    "closed_form": _closed_form_tangent_field,
-    "accumulator": _accumulator_tangent_field,
+  "closed_form": _closed_form_tangent_field,
+  "accumulator": _accumulator_tangent_field,
 }
 
 
 def num_directions(num_examples, num_classes):
   """K = M (N - 1) + M (M + 1) / 2, the sensitivity directions per task."""
-  return (num_examples * (num_classes - 1) +
-          num_examples * (num_examples + 1) // 2)
+  return (
+    num_examples * (num_classes - 1) + num_examples * (num_examples + 1) // 2
+  )
 
 
 def drop_last_class(tangents):
@@ -234,8 +264,9 @@ def drop_last_class(tangents):
 
 def restore_last_class(tangents):
   """[..., N - 1] -> [..., N], the last class minus the sum of the others."""
-  return tf.concat([tangents, -tf.reduce_sum(tangents, -1, keepdims=True)],
-                   axis=-1)
+  return tf.concat(
+    [tangents, -tf.reduce_sum(tangents, -1, keepdims=True)], axis=-1
+  )
 
 
 def contract_sensitivities(tangents, cotangent_s):
@@ -251,14 +282,21 @@ def contract_sensitivities(tangents, cotangent_s):
   batch, num_examples, num_classes = tf.unstack(tf.shape(cotangent_s))
   per_direction = tf.einsum("bin,bikn->bk", cotangent_s, tangents)
   size = num_examples * (num_classes - 1)
-  d_logits0 = restore_last_class(tf.reshape(
-      per_direction[:, :size], [batch, num_examples, num_classes - 1]))
+  d_logits0 = restore_last_class(
+    tf.reshape(per_direction[:, :size], [batch, num_examples, num_classes - 1])
+  )
   # Direction (m, j) perturbs G[m, j] and G[j, m] (twice G[m, m] when m = j),
   # so its derivative is exactly entry (m, j) of dL/dG + (dL/dG)^T.
   pairs = gram_directions(num_examples)
-  upper = tf.scatter_nd(pairs, tf.transpose(per_direction[:, size:]),
-                        [num_examples, num_examples, batch])
+  upper = tf.scatter_nd(
+    pairs,
+    tf.transpose(per_direction[:, size:]),
+    [num_examples, num_examples, batch],
+  )
   upper = tf.transpose(upper, [2, 0, 1])
-  d_gram_sym = upper + tf.linalg.matrix_transpose(upper) - tf.linalg.diag(
-      tf.linalg.diag_part(upper))
+  d_gram_sym = (
+    upper
+    + tf.linalg.matrix_transpose(upper)
+    - tf.linalg.diag(tf.linalg.diag_part(upper))
+  )
   return d_logits0, d_gram_sym

@@ -31,16 +31,21 @@ class SolveStats(NamedTuple):
       all B tasks at once).
     num_steps: int32 scalar, loop iterations (accepted and rejected steps).
     finished: bool scalar, every task reached t_final within max_steps.
+    num_jacobian_evals: int32 scalar, Jacobian evaluations of the implicit
+      solvers (TFP's BDF); 0 for the explicit ones.
   """
+
   num_evals: tf.Tensor
   num_steps: tf.Tensor
   finished: tf.Tensor
+  num_jacobian_evals: tf.Tensor = 0
 
 
 def _per_task(value, leaf):
   """Reshapes a per-task vector [B] so that it broadcasts against `leaf`."""
-  shape = tf.concat([tf.shape(value), tf.ones([tf.rank(leaf) - 1], tf.int32)],
-                    axis=0)
+  shape = tf.concat(
+    [tf.shape(value), tf.ones([tf.rank(leaf) - 1], tf.int32)], axis=0
+  )
   return tf.reshape(value, shape)
 
 
@@ -65,8 +70,11 @@ def _evaluated_once(vector_field, y, condition):
   Returns:
     The nest vector_field(y), or zeros like y.
   """
-  return tf.cond(condition, lambda: vector_field(y),
-                 lambda: tf.nest.map_structure(tf.zeros_like, y))
+  return tf.cond(
+    condition,
+    lambda: vector_field(y),
+    lambda: tf.nest.map_structure(tf.zeros_like, y),
+  )
 
 
 def _combine(y, h, coefficients, ks):
@@ -92,17 +100,25 @@ def _rms_per_task(nest):
   s [M, N] with sensitivities K times larger, and a pooled RMS would let
   the sensitivities' small errors hide a large error in s.
   """
-  return tf.reduce_max(tf.stack([
-      tf.sqrt(tf.reduce_mean(
-          tf.reshape(tf.square(leaf), [tf.shape(leaf)[0], -1]), axis=1))
-      for leaf in tf.nest.flatten(nest)
-  ]), axis=0)
+  return tf.reduce_max(
+    tf.stack(
+      [
+        tf.sqrt(
+          tf.reduce_mean(
+            tf.reshape(tf.square(leaf), [tf.shape(leaf)[0], -1]), axis=1
+          )
+        )
+        for leaf in tf.nest.flatten(nest)
+      ]
+    ),
+    axis=0,
+  )
 
 
 def _where_per_task(condition, when_true, when_false):
   return tf.nest.map_structure(
-      lambda a, b: tf.where(_per_task(condition, a), a, b), when_true,
-      when_false)
+    lambda a, b: tf.where(_per_task(condition, a), a, b), when_true, when_false
+  )
 
 
 class Solver:
@@ -110,8 +126,9 @@ class Solver:
 
   name = "solver"
 
-  def integrate(self, vector_field: VectorField, y0, t_final: tf.Tensor,
-                max_steps: int):
+  def integrate(
+    self, vector_field: VectorField, y0, t_final: tf.Tensor, max_steps: int
+  ):
     """Integrates dy/dt = vector_field(y) from 0 to t_final.
 
     Args:
@@ -125,6 +142,24 @@ class Solver:
       the solution at t_final; the caller must raise (see `adapt`).
     """
     raise NotImplementedError
+
+  def gradient_method_for(self, method):
+    """The gradient method `adapt` runs with this solver.
+
+    The solvers here run every method as given. A solver that computes a
+    method its own way (TFP's solvers: their own adjoint) returns its
+    version; one that cannot give an exact gradient with `method` raises.
+
+    Args:
+      method: a `GradientMethod`.
+
+    Returns:
+      The `GradientMethod` to run.
+
+    Raises:
+      ValueError: naming the method and the solver, if unsupported.
+    """
+    return method
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +175,7 @@ class Dopri5(Solver):
   chosen steps, as `torchdiffeq` and `jax.experimental.ode` do, and the
   gradient with respect to t_final flows through the last, clipped step.
   """
+
   rtol: float = 1e-5
   atol: float = 1e-5
   name = "dopri5"
@@ -147,23 +183,33 @@ class Dopri5(Solver):
   # Butcher tableau of Dormand & Prince (1980); the last row is the 5th-order
   # solution and also the 7th stage (first-same-as-last).
   _A = (
-      (),
-      (1 / 5,),
-      (3 / 40, 9 / 40),
-      (44 / 45, -56 / 15, 32 / 9),
-      (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-      (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-      (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+    (),
+    (1 / 5,),
+    (3 / 40, 9 / 40),
+    (44 / 45, -56 / 15, 32 / 9),
+    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
   )
   # Fifth-order minus fourth-order weights: the embedded error estimate.
-  _E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525,
-        -1 / 40)
+  _E = (
+    71 / 57600,
+    0.0,
+    -71 / 16695,
+    71 / 1920,
+    -17253 / 339200,
+    22 / 525,
+    -1 / 40,
+  )
 
   def _scale(self, y, y_other=None):
     def leaf_scale(a, b=None):
       magnitude = tf.abs(a) if b is None else tf.maximum(tf.abs(a), tf.abs(b))
-      return (tf.constant(self.atol, a.dtype) +
-              tf.constant(self.rtol, a.dtype) * magnitude)
+      return (
+        tf.constant(self.atol, a.dtype)
+        + tf.constant(self.rtol, a.dtype) * magnitude
+      )
+
     if y_other is None:
       return tf.nest.map_structure(leaf_scale, y)
     return tf.nest.map_structure(leaf_scale, y, y_other)
@@ -191,14 +237,21 @@ class Dopri5(Solver):
     d1 = _rms_per_task(tf.nest.map_structure(ratio, f0, scale))
     dtype = d0.dtype
     small = (d0 < 1e-5) | (d1 < 1e-5)
-    h0 = tf.where(small, tf.constant(1e-6, dtype),
-                  0.01 * d0 / tf.where(small, tf.ones_like(d1), d1))
+    h0 = tf.where(
+      small,
+      tf.constant(1e-6, dtype),
+      0.01 * d0 / tf.where(small, tf.ones_like(d1), d1),
+    )
     zero_state = d0 < 1e-5
 
     def probe():
       f1 = vector_field(_combine(y0, h0, (1.0,), (f0,)))
-      return _rms_per_task(tf.nest.map_structure(
-          lambda a, b, s: (a - b) / s, f1, f0, scale)) / h0
+      return (
+        _rms_per_task(
+          tf.nest.map_structure(lambda a, b, s: (a - b) / s, f1, f0, scale)
+        )
+        / h0
+      )
 
     # From a zero state only |f0| sets h1: d2 is a difference of nearly
     # equal values of f over the 1e-6 probe, a few float32 ulps, and would
@@ -207,8 +260,11 @@ class Dopri5(Solver):
     all_zero = tf.reduce_all(zero_state)
     d2 = tf.cond(all_zero, lambda: tf.zeros_like(d1), probe)
     d12 = tf.where(zero_state, d1, tf.maximum(d1, d2))
-    h1 = tf.where(d12 <= 1e-15, tf.maximum(tf.constant(1e-6, dtype), h0 * 1e-3),
-                  (0.01 / tf.maximum(d12, 1e-15))**0.2)
+    h1 = tf.where(
+      d12 <= 1e-15,
+      tf.maximum(tf.constant(1e-6, dtype), h0 * 1e-3),
+      (0.01 / tf.maximum(d12, 1e-15)) ** 0.2,
+    )
     h = tf.where(zero_state, h1, tf.minimum(100.0 * h0, h1))
     return tf.minimum(h, t_final), tf.where(all_zero, 0, 1)
 
@@ -221,7 +277,8 @@ class Dopri5(Solver):
     stop_nest = lambda nest: tf.nest.map_structure(stop, nest)
     f0 = vector_field(y0)
     h_init, probe_evals = self._initial_step(
-        vector_field, stop_nest(y0), stop_nest(f0), stop(t_final))
+      vector_field, stop_nest(y0), stop_nest(f0), stop(t_final)
+    )
     h_init = stop(h_init)
     t_init = tf.zeros([batch], dtype)
 
@@ -241,22 +298,33 @@ class Dopri5(Solver):
       ks = [k1]
       any_running = tf.reduce_any(running)
       for row in self._A[1:]:
-        ks.append(_evaluated_once(vector_field, _combine(y, h_step, row, ks),
-                                  any_running))
+        ks.append(
+          _evaluated_once(
+            vector_field, _combine(y, h_step, row, ks), any_running
+          )
+        )
       y_new = _combine(y, h_step, self._A[-1], ks[:-1])
       # ks[-1] was evaluated at y_new: the first stage of the next step.
-      error = _combine(tf.nest.map_structure(tf.zeros_like, y), h_step,
-                       self._E, ks)
+      error = _combine(
+        tf.nest.map_structure(tf.zeros_like, y), h_step, self._E, ks
+      )
       scale = self._scale(stop_nest(y), stop_nest(y_new))
-      error_norm = stop(_rms_per_task(
-          tf.nest.map_structure(lambda e, s: stop(e) / s, error, scale)))
+      error_norm = stop(
+        _rms_per_task(
+          tf.nest.map_structure(lambda e, s: stop(e) / s, error, scale)
+        )
+      )
       # A non-finite error (overflow) is a rejected step, never accepted.
       finite = tf.math.is_finite(error_norm)
-      error_norm = tf.where(finite, error_norm, tf.fill(tf.shape(error_norm),
-                                                        tf.constant(1e10, dtype)))
+      error_norm = tf.where(
+        finite,
+        error_norm,
+        tf.fill(tf.shape(error_norm), tf.constant(1e10, dtype)),
+      )
       accept = running & (error_norm <= 1.0)
       factor = tf.clip_by_value(
-          0.9 * tf.maximum(error_norm, 1e-10)**-0.2, 0.2, 10.0)
+        0.9 * tf.maximum(error_norm, 1e-10) ** -0.2, 0.2, 10.0
+      )
       factor = tf.where(accept, factor, tf.minimum(factor, 1.0))
       t_next = tf.where(accept, tf.where(last, t_final, t + h_step), t)
       h_next = tf.where(running, stop(h_step) * factor, h)
@@ -265,44 +333,64 @@ class Dopri5(Solver):
       return step + 1, stop(t_next), stop(h_next), y_next, k1_next
 
     steps, t_end, _, y_end, _ = tf.while_loop(
-        cond, body, (tf.constant(0), t_init, h_init, y0, f0),
-        maximum_iterations=max_steps)
-    stats = SolveStats(num_evals=1 + probe_evals + 6 * steps, num_steps=steps,
-                       finished=tf.reduce_all(t_end >= t_final))
+      cond,
+      body,
+      (tf.constant(0), t_init, h_init, y0, f0),
+      maximum_iterations=max_steps,
+    )
+    stats = SolveStats(
+      num_evals=1 + probe_evals + 6 * steps,
+      num_steps=steps,
+      finished=tf.reduce_all(t_end >= t_final),
+    )
     return y_end, stats
 
 
 @dataclasses.dataclass(frozen=True)
 class _FixedStep(Solver):
   """Fixed-step explicit Runge-Kutta with `num_steps` steps of T / num_steps."""
+
   num_steps: int = 100
   _A = ()  # Runge-Kutta matrix rows, first row empty.
   _B = ()  # weights.
 
   def integrate(self, vector_field, y0, t_final, max_steps):
     leaf0 = tf.nest.flatten(y0)[0]
-    h = tf.fill([tf.shape(leaf0)[0]], tf.cast(t_final, leaf0.dtype) /
-                tf.cast(self.num_steps, leaf0.dtype))
+    h = tf.fill(
+      [tf.shape(leaf0)[0]],
+      tf.cast(t_final, leaf0.dtype) / tf.cast(self.num_steps, leaf0.dtype),
+    )
 
     def body(step, y):
       ks = []
       for row in self._A:
-        ks.append(_evaluated_once(vector_field,
-                                  _combine(y, h, row, ks) if row else y,
-                                  step < self.num_steps))
+        ks.append(
+          _evaluated_once(
+            vector_field,
+            _combine(y, h, row, ks) if row else y,
+            step < self.num_steps,
+          )
+        )
       return step + 1, _combine(y, h, self._B, ks)
 
     steps, y_end = tf.while_loop(
-        lambda step, y: step < self.num_steps, body, (tf.constant(0), y0),
-        maximum_iterations=self.num_steps)
-    stats = SolveStats(num_evals=steps * len(self._A), num_steps=steps,
-                       finished=tf.constant(self.num_steps <= max_steps))
+      lambda step, y: step < self.num_steps,
+      body,
+      (tf.constant(0), y0),
+      maximum_iterations=self.num_steps,
+    )
+    stats = SolveStats(
+      num_evals=steps * len(self._A),
+      num_steps=steps,
+      finished=tf.constant(self.num_steps <= max_steps),
+    )
     return y_end, stats
 
 
 @dataclasses.dataclass(frozen=True)
 class Euler(_FixedStep):
   """Explicit Euler: in W-space, exactly gradient descent (ANIL) with lr h."""
+
   name = "euler"
   _A = ((),)
   _B = (1.0,)
@@ -311,28 +399,61 @@ class Euler(_FixedStep):
 @dataclasses.dataclass(frozen=True)
 class RK4(_FixedStep):
   """The classical fourth-order Runge-Kutta method."""
+
   name = "rk4"
   _A = ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0))
   _B = (1 / 6, 1 / 3, 1 / 3, 1 / 6)
 
 
-def make_solver(solver, rtol: float, atol: float,
-                num_steps: Optional[int]) -> Solver:
+# The names `make_solver` knows: the adaptive and the fixed-step solvers.
+# The tfp_* solvers (TensorFlow Probability's DormandPrince and BDF) live in
+# comln_tf._tfp_solvers, which registers their builder in _BUILDERS when
+# comln_tf is imported; TFP itself is imported only when one is built.
+TFP_SOLVERS = ("tfp_dopri5", "tfp_bdf")
+ADAPTIVE_SOLVERS = ("dopri5",) + TFP_SOLVERS
+FIXED_STEP_SOLVERS = ("rk4", "euler")
+SOLVERS = ADAPTIVE_SOLVERS + FIXED_STEP_SOLVERS
+
+# Name -> build(rtol, atol) of the adaptive solvers defined in other modules.
+_BUILDERS = {}
+
+
+def register_builder(name: str, build: Callable[[float, float], Solver]):
+  """Makes `make_solver` build the adaptive solver `name` with `build`."""
+  if name not in ADAPTIVE_SOLVERS:
+    raise ValueError(f"{name!r} is not in ADAPTIVE_SOLVERS {ADAPTIVE_SOLVERS}.")
+  _BUILDERS[name] = build
+
+
+def make_solver(
+  solver, rtol: float, atol: float, num_steps: Optional[int]
+) -> Solver:
   """Returns the Solver named by `solver` (or `solver` itself if a Solver)."""
   if isinstance(solver, Solver):
     return solver
-  if solver == "dopri5":
+  if solver in ADAPTIVE_SOLVERS:
     for name, value in (("rtol", rtol), ("atol", atol)):
       if not value > 0:
-        raise ValueError(f"{name} must be > 0 for solver='dopri5', got {value!r}.")
-    return Dopri5(rtol=float(rtol), atol=float(atol))
-  if solver in ("rk4", "euler"):
-    if num_steps is None or isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(
+          f"{name} must be > 0 for solver={solver!r}, got {value!r}."
+        )
+    if solver == "dopri5":
+      return Dopri5(rtol=float(rtol), atol=float(atol))
+    return _BUILDERS[solver](float(rtol), float(atol))
+  if solver in FIXED_STEP_SOLVERS:
+    if (
+      num_steps is None
+      or isinstance(num_steps, bool)
+      or int(num_steps) != num_steps
+      or num_steps < 1
+    ):
       raise ValueError(
-          f"num_steps must be a positive integer for the fixed-step solver "
-          f"solver={solver!r}, got {num_steps!r}.")
+        f"num_steps must be a positive integer for the fixed-step solver "
+        f"solver={solver!r}, got {num_steps!r}."
+      )
     cls = RK4 if solver == "rk4" else Euler
     return cls(num_steps=int(num_steps))
   raise ValueError(
-      f"solver must be one of 'dopri5', 'rk4', 'euler' or a comln_tf Solver, "
-      f"got {solver!r}.")
+    f"solver must be one of {', '.join(map(repr, SOLVERS))} or a comln_tf "
+    f"Solver, got {solver!r}."
+  )

@@ -65,8 +65,13 @@ def _pooled_shape(input_shape, channels):
     (B, n, H // 2, W // 2, channels).
   """
   b, n, h, w, _ = input_shape
-  return (b, n, None if h is None else h // 2, None if w is None else w // 2,
-          channels)
+  return (
+    b,
+    n,
+    None if h is None else h // 2,
+    None if w is None else w // 2,
+    channels,
+  )
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -99,13 +104,16 @@ class TaskBatchNormalization(keras.layers.Layer):
   def build(self, input_shape):
     if len(input_shape) < 3:
       raise ValueError(
-          "TaskBatchNormalization expects [tasks, images, ..., channels], "
-          f"got shape {input_shape}")
+        "TaskBatchNormalization expects [tasks, images, ..., channels], "
+        f"got shape {input_shape}"
+      )
     channels = input_shape[-1]
-    self.gamma = self.add_weight(shape=(channels,), initializer="ones",
-                                 name="gamma")
-    self.beta = self.add_weight(shape=(channels,), initializer="zeros",
-                                name="beta")
+    self.gamma = self.add_weight(
+      shape=(channels,), initializer="ones", name="gamma"
+    )
+    self.beta = self.add_weight(
+      shape=(channels,), initializer="zeros", name="beta"
+    )
 
   def call(self, inputs, training=None):
     axes = list(range(1, len(inputs.shape) - 1))
@@ -152,9 +160,9 @@ class ConvBlock(keras.layers.Layer):
     self.epsilon = epsilon
     self.pool = pool
     self.stride = stride
-    self.conv = keras.layers.Conv2D(filters, 3, strides=stride,
-                                    padding="same", use_bias=False,
-                                    name="conv")
+    self.conv = keras.layers.Conv2D(
+      filters, 3, strides=stride, padding="same", use_bias=False, name="conv"
+    )
     self.norm = TaskBatchNormalization(epsilon, name="norm")
 
   def _conv_shape(self, input_shape):
@@ -181,9 +189,13 @@ class ConvBlock(keras.layers.Layer):
     return _pooled_shape(shape, self.filters)
 
   def get_config(self):
-    return {**super().get_config(), "filters": self.filters,
-            "epsilon": self.epsilon, "pool": self.pool,
-            "stride": self.stride}
+    return {
+      **super().get_config(),
+      "filters": self.filters,
+      "epsilon": self.epsilon,
+      "pool": self.pool,
+      "stride": self.stride,
+    }
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -215,18 +227,26 @@ class ResNetBlock(keras.layers.Layer):
     self.negative_slope = negative_slope
     self.epsilon = epsilon
     init = keras.initializers.VarianceScaling(
-        scale=2.0, mode="fan_out", distribution="untruncated_normal")
+      scale=2.0, mode="fan_out", distribution="untruncated_normal"
+    )
     self.convs = [
-        keras.layers.Conv2D(filters, 3, padding="same", use_bias=False,
-                            kernel_initializer=init, name=f"conv{i}")
-        for i in range(3)]
-    self.norms = [TaskBatchNormalization(epsilon, name=f"norm{i}")
-                  for i in range(3)]
+      keras.layers.Conv2D(
+        filters,
+        3,
+        padding="same",
+        use_bias=False,
+        kernel_initializer=init,
+        name=f"conv{i}",
+      )
+      for i in range(3)
+    ]
+    self.norms = [
+      TaskBatchNormalization(epsilon, name=f"norm{i}") for i in range(3)
+    ]
     self.shortcut_conv = keras.layers.Conv2D(
-        filters, 1, use_bias=False, kernel_initializer=init,
-        name="shortcut_conv")
-    self.shortcut_norm = TaskBatchNormalization(epsilon,
-                                                name="shortcut_norm")
+      filters, 1, use_bias=False, kernel_initializer=init, name="shortcut_conv"
+    )
+    self.shortcut_norm = TaskBatchNormalization(epsilon, name="shortcut_norm")
 
   def build(self, input_shape):
     image_shape = (None,) + tuple(input_shape[2:])
@@ -252,9 +272,12 @@ class ResNetBlock(keras.layers.Layer):
     return _pooled_shape(input_shape, self.filters)
 
   def get_config(self):
-    return {**super().get_config(), "filters": self.filters,
-            "negative_slope": self.negative_slope,
-            "epsilon": self.epsilon}
+    return {
+      **super().get_config(),
+      "filters": self.filters,
+      "negative_slope": self.negative_slope,
+      "epsilon": self.epsilon,
+    }
 
 
 class _EpisodeBackbone(keras.layers.Layer):
@@ -282,8 +305,9 @@ class _EpisodeBackbone(keras.layers.Layer):
     if len(shape) == 5:
       return shape
     raise ValueError(
-        "Backbones take images [B, n, H, W, C] or [n, H, W, C], "
-        f"got shape {shape}")
+      "Backbones take images [B, n, H, W, C] or [n, H, W, C], "
+      f"got shape {shape}"
+    )
 
   def _feature_map_shape(self, task_shape):
     for block in self.blocks:
@@ -370,30 +394,50 @@ class Conv4(_EpisodeBackbone):
     float32 [B, n, d], or [n, d] for a single task.
   """
 
-  def __init__(self, filters=64, epsilon=1e-5, global_pool=False,
-               pool_last_block=True, downsample="max_pool", **kwargs):
+  def __init__(
+    self,
+    filters=64,
+    epsilon=1e-5,
+    global_pool=False,
+    pool_last_block=True,
+    downsample="max_pool",
+    **kwargs,
+  ):
     super().__init__(global_pool=global_pool, **kwargs)
     if downsample not in CONV4_DOWNSAMPLING:
-      raise ValueError(f"Conv4 downsample must be one of "
-                       f"{CONV4_DOWNSAMPLING}, got {downsample!r}")
+      raise ValueError(
+        f"Conv4 downsample must be one of "
+        f"{CONV4_DOWNSAMPLING}, got {downsample!r}"
+      )
     if downsample == "stride" and not pool_last_block:
-      raise ValueError("Conv4 pool_last_block=False is for "
-                       "downsample='max_pool' (strided blocks do not pool)")
+      raise ValueError(
+        "Conv4 pool_last_block=False is for "
+        "downsample='max_pool' (strided blocks do not pool)"
+      )
     self.filters = filters
     self.epsilon = epsilon
     self.pool_last_block = pool_last_block
     self.downsample = downsample
     strided = downsample == "stride"
     self.blocks = [
-        ConvBlock(filters, epsilon,
-                  pool=not strided and (i < 3 or pool_last_block),
-                  stride=2 if strided else 1, name=f"block{i}")
-        for i in range(4)]
+      ConvBlock(
+        filters,
+        epsilon,
+        pool=not strided and (i < 3 or pool_last_block),
+        stride=2 if strided else 1,
+        name=f"block{i}",
+      )
+      for i in range(4)
+    ]
 
   def get_config(self):
-    return {**super().get_config(), "filters": self.filters,
-            "epsilon": self.epsilon, "pool_last_block": self.pool_last_block,
-            "downsample": self.downsample}
+    return {
+      **super().get_config(),
+      "filters": self.filters,
+      "epsilon": self.epsilon,
+      "pool_last_block": self.pool_last_block,
+      "downsample": self.downsample,
+    }
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -421,21 +465,32 @@ class ResNet12(_EpisodeBackbone):
     float32 [B, n, d], or [n, d] for a single task.
   """
 
-  def __init__(self, channels=(64, 160, 320, 640), negative_slope=0.1,
-               epsilon=1e-5, global_pool=False, **kwargs):
+  def __init__(
+    self,
+    channels=(64, 160, 320, 640),
+    negative_slope=0.1,
+    epsilon=1e-5,
+    global_pool=False,
+    **kwargs,
+  ):
     super().__init__(global_pool=global_pool, **kwargs)
     if len(channels) != 4:
       raise ValueError(f"ResNet12 needs 4 channel sizes, got {channels}")
     self.channels = tuple(channels)
     self.negative_slope = negative_slope
     self.epsilon = epsilon
-    self.blocks = [ResNetBlock(c, negative_slope, epsilon, name=f"block{i}")
-                   for i, c in enumerate(self.channels)]
+    self.blocks = [
+      ResNetBlock(c, negative_slope, epsilon, name=f"block{i}")
+      for i, c in enumerate(self.channels)
+    ]
 
   def get_config(self):
-    return {**super().get_config(), "channels": list(self.channels),
-            "negative_slope": self.negative_slope,
-            "epsilon": self.epsilon}
+    return {
+      **super().get_config(),
+      "channels": list(self.channels),
+      "negative_slope": self.negative_slope,
+      "epsilon": self.epsilon,
+    }
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -474,6 +529,8 @@ def get_backbone(name, **kwargs):
     ValueError: unknown name (the message lists the known names).
   """
   if name not in _BACKBONES:
-    raise ValueError(f"Unknown backbone {name!r}; known backbones: "
-                     f"{', '.join(sorted(_BACKBONES))}")
+    raise ValueError(
+      f"Unknown backbone {name!r}; known backbones: "
+      f"{', '.join(sorted(_BACKBONES))}"
+    )
   return _BACKBONES[name](**kwargs)

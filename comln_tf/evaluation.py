@@ -40,21 +40,27 @@ def prototype_logits(support_embeddings, support_labels, query_embeddings):
     float [B, Q, N] logits, -||query - mean of class n||^2.
   """
   num_ways = tf.reduce_max(support_labels) + 1
-  one_hot = tf.one_hot(support_labels, num_ways,
-                       dtype=support_embeddings.dtype)  # [B, M, N]
-  prototypes = tf.einsum("bmn,bmd->bnd", one_hot, support_embeddings) / (
-      tf.reduce_sum(one_hot, axis=1)[..., None])
+  one_hot = tf.one_hot(
+    support_labels, num_ways, dtype=support_embeddings.dtype
+  )  # [B, M, N]
+  prototypes = (
+    tf.einsum("bmn,bmd->bnd", one_hot, support_embeddings)
+    / (tf.reduce_sum(one_hot, axis=1)[..., None])
+  )
   # ||q||^2 - 2 q.p + ||p||^2, without a [B, Q, N, d] difference tensor.
-  return -(tf.reduce_sum(tf.square(query_embeddings), -1)[..., None]
-           - 2.0 * tf.einsum("bqd,bnd->bqn", query_embeddings, prototypes)
-           + tf.reduce_sum(tf.square(prototypes), -1)[:, None, :])
+  return -(
+    tf.reduce_sum(tf.square(query_embeddings), -1)[..., None]
+    - 2.0 * tf.einsum("bqd,bnd->bqn", query_embeddings, prototypes)
+    + tf.reduce_sum(tf.square(prototypes), -1)[:, None, :]
+  )
 
 
 def check_classifier(classifier):
   """Raises ValueError unless `classifier` is one of CLASSIFIERS."""
   if classifier not in CLASSIFIERS:
-    raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}; "
-                     f"got {classifier!r}")
+    raise ValueError(
+      f"classifier must be one of {', '.join(CLASSIFIERS)}; got {classifier!r}"
+    )
 
 
 def accuracy_function(model, classifier="comln"):
@@ -83,10 +89,10 @@ def accuracy_function(model, classifier="comln"):
     else:
       support, query = model.embed_episode(episodes, training=False)
       logits = prototype_logits(
-          support, tf.cast(episodes["support_labels"], tf.int32), query)
+        support, tf.cast(episodes["support_labels"], tf.int32), query
+      )
     predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    correct = tf.equal(predictions, tf.cast(episodes["query_labels"],
-                                            tf.int32))
+    correct = tf.equal(predictions, tf.cast(episodes["query_labels"], tf.int32))
     return tf.reduce_mean(tf.cast(correct, tf.float64), axis=-1)
 
   return accuracies
@@ -104,8 +110,7 @@ def episode_accuracies(accuracy_fn, episodes, batch_size):
   Returns:
     float64 numpy array [n], the accuracy of each episode, in order.
   """
-  results = [accuracy_fn(batch).numpy()
-             for batch in episodes.batch(batch_size)]
+  results = [accuracy_fn(batch).numpy() for batch in episodes.batch(batch_size)]
   return np.concatenate(results)
 
 
@@ -124,14 +129,27 @@ def summarize(accuracies):
   """
   accuracies = np.asarray(accuracies, np.float64)
   n = accuracies.size
-  return {"accuracy": float(np.mean(accuracies)),
-          "ci95": float(1.96 * np.std(accuracies) / math.sqrt(n)),
-          "episodes": int(n)}
+  return {
+    "accuracy": float(np.mean(accuracies)),
+    "ci95": float(1.96 * np.std(accuracies) / math.sqrt(n)),
+    "episodes": int(n),
+  }
 
 
-def evaluate(model, class_set, *, ways, shots, queries, num_episodes=1000,
-             seed=TEST_SEED, batch_size=16, rotate_classes=False,
-             classifier="comln"):
+def evaluate(
+  model,
+  class_set,
+  *,
+  ways,
+  shots,
+  queries,
+  num_episodes=1000,
+  seed=TEST_SEED,
+  batch_size=16,
+  rotate_classes=False,
+  classifier="comln",
+  class_sampling="uniform",
+):
   """Mean accuracy and 95% interval of `model` on fixed episodes.
 
   Args:
@@ -145,24 +163,41 @@ def evaluate(model, class_set, *, ways, shots, queries, num_episodes=1000,
       90 degrees, as MAML's Omniglot evaluation does (see
       `data.eval_episodes`).
     classifier: "comln" or "prototypes" (see `accuracy_function`).
+    class_sampling: how the episodes draw their classes
+      (`data.CLASS_SAMPLING`; "within_alphabet": all from one alphabet).
 
   Returns:
     dict of `summarize` plus ways, shots, queries, seed, split,
-    rotate_classes and classifier.
+    rotate_classes, classifier and class_sampling.
 
   Raises:
     ValueError: the class set cannot make such episodes, or unknown
       `classifier`.
   """
-  episodes = data.eval_episodes(class_set, ways=ways, shots=shots,
-                                queries=queries, seed=seed,
-                                num_episodes=num_episodes,
-                                rotate_classes=rotate_classes)
-  accuracies = episode_accuracies(accuracy_function(model, classifier),
-                                  episodes, batch_size)
-  return {**summarize(accuracies), "ways": ways, "shots": shots,
-          "queries": queries, "seed": seed, "split": class_set.split,
-          "rotate_classes": rotate_classes, "classifier": classifier}
+  episodes = data.eval_episodes(
+    class_set,
+    ways=ways,
+    shots=shots,
+    queries=queries,
+    seed=seed,
+    num_episodes=num_episodes,
+    rotate_classes=rotate_classes,
+    class_sampling=class_sampling,
+  )
+  accuracies = episode_accuracies(
+    accuracy_function(model, classifier), episodes, batch_size
+  )
+  return {
+    **summarize(accuracies),
+    "ways": ways,
+    "shots": shots,
+    "queries": queries,
+    "seed": seed,
+    "split": class_set.split,
+    "rotate_classes": rotate_classes,
+    "classifier": classifier,
+    "class_sampling": class_sampling,
+  }
 
 
 def write_json(path, value):

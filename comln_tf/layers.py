@@ -41,7 +41,8 @@ class GradientFlowClassifier(keras.layers.Layer):
     initial_t: T at initialisation, > 0.
     train_t: whether tau = log T is trainable.
     method, solver, rtol, atol, max_steps, num_steps, tasks_per_solve:
-      passed to `adapt`.
+      passed to `adapt`. The default method "auto" is the cheapest exact
+      one for the solver and episode shape (`comln_tf.Auto`).
     label_smoothing: epsilon of the support labels, Y = (1 - eps) onehot +
       eps / N.
     tie_init_rows: one shared initial row (see above).
@@ -53,35 +54,41 @@ class GradientFlowClassifier(keras.layers.Layer):
       XLA.
   """
 
-  def __init__(self,
-               num_ways: Optional[int] = None,
-               initial_t: float = 1.0,
-               train_t: bool = True,
-               method: str = "forward",
-               solver: str = "dopri5",
-               rtol: float = 1e-5,
-               atol: float = 1e-5,
-               max_steps: int = _adapt.DEFAULT_MAX_STEPS,
-               num_steps: Optional[int] = None,
-               label_smoothing: float = 0.0,
-               tie_init_rows: bool = False,
-               jit_compile: bool = False,
-               tasks_per_solve: Optional[int] = None,
-               **kwargs):
+  def __init__(
+    self,
+    num_ways: Optional[int] = None,
+    initial_t: float = 1.0,
+    train_t: bool = True,
+    method: str = "auto",
+    solver: str = "dopri5",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    max_steps: int = _adapt.DEFAULT_MAX_STEPS,
+    num_steps: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    tie_init_rows: bool = False,
+    jit_compile: bool = False,
+    tasks_per_solve: Optional[int] = None,
+    **kwargs,
+  ):
     super().__init__(**kwargs)
     if num_ways is None and not tie_init_rows:
       raise ValueError("num_ways is required unless tie_init_rows=True.")
-    if num_ways is not None and (isinstance(num_ways, bool) or
-                                 int(num_ways) != num_ways or num_ways < 2):
+    if num_ways is not None and (
+      isinstance(num_ways, bool) or int(num_ways) != num_ways or num_ways < 2
+    ):
       raise ValueError(f"num_ways must be an integer >= 2, got {num_ways!r}.")
     if not initial_t > 0:
       raise ValueError(f"initial_t must be > 0, got {initial_t!r}.")
     if not 0.0 <= label_smoothing < 1.0:
       raise ValueError(
-          f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
+        f"label_smoothing must be in [0, 1), got {label_smoothing!r}."
+      )
     if not isinstance(method, str) or method not in _gradient_methods.METHODS:
-      raise ValueError(f"method must be one of "
-                       f"{sorted(_gradient_methods.METHODS)}, got {method!r}.")
+      raise ValueError(
+        f"method must be one of "
+        f"{sorted(_gradient_methods.METHODS)}, got {method!r}."
+      )
     self.num_ways = None if num_ways is None else int(num_ways)
     self.initial_t = float(initial_t)
     self.train_t = bool(train_t)
@@ -100,37 +107,53 @@ class GradientFlowClassifier(keras.layers.Layer):
       # Its gradient runs back through the solver's while loop, whose
       # TensorLists cannot cross the boundary of a compiled function.
       raise ValueError(
-          'jit_compile=True needs method="forward" or "adjoint": the '
-          'gradient of method="backprop" goes through the solver loop, '
-          'which cannot leave an XLA function. Compile the whole training '
-          'step instead (tf.function(jit_compile=True)).')
+        'jit_compile=True needs method="forward", "discrete_adjoint", '
+        '"auto" or "adjoint": the '
+        'gradient of method="backprop" goes through the solver loop, '
+        "which cannot leave an XLA function. Compile the whole training "
+        "step instead (tf.function(jit_compile=True))."
+      )
     if self.jit_compile and tasks_per_solve is not None:
       # The groups are a tf.map_fn, whose gradient needs the forward loop's
       # TensorLists: they cannot cross the boundary of a compiled function.
       raise ValueError(
-          "jit_compile=True and tasks_per_solve cannot be combined: the "
-          "gradient of the grouped solve cannot leave an XLA function. Use "
-          "one of them, or compile the whole training step instead "
-          "(tf.function(jit_compile=True)).")
-    # Fail at construction, not at the first call, on a bad solver set-up.
-    _solvers.make_solver(solver, rtol, atol, num_steps)
+        "jit_compile=True and tasks_per_solve cannot be combined: the "
+        "gradient of the grouped solve cannot leave an XLA function. Use "
+        "one of them, or compile the whole training step instead "
+        "(tf.function(jit_compile=True))."
+      )
+    # Fail at construction, not at the first call, on a bad solver set-up
+    # or a method the solver does not support (e.g. backprop with tfp_bdf).
+    _solvers.make_solver(solver, rtol, atol, num_steps).gradient_method_for(
+      _gradient_methods.make_method(method)
+    )
 
-  def build(self, support_embeddings_shape, support_labels_shape=None,
-            query_embeddings_shape=None):
+  def build(
+    self,
+    support_embeddings_shape,
+    support_labels_shape=None,
+    query_embeddings_shape=None,
+  ):
     embedding_size = support_embeddings_shape[-1]
     if embedding_size is None:
-      raise ValueError("The embedding size (last axis of support_embeddings) "
-                       "must be known to build GradientFlowClassifier.")
+      raise ValueError(
+        "The embedding size (last axis of support_embeddings) "
+        "must be known to build GradientFlowClassifier."
+      )
     self.init_weights = None
     if not self.tie_init_rows:
       # Keras' fan-in of a 2-D [N, d] weight is N, as in the authors' code.
       self.init_weights = self.add_weight(
-          name="init_weights", shape=(self.num_ways, embedding_size),
-          initializer=keras.initializers.LecunNormal())
+        name="init_weights",
+        shape=(self.num_ways, embedding_size),
+        initializer=keras.initializers.LecunNormal(),
+      )
     self.log_t = self.add_weight(
-        name="log_t", shape=(),
-        initializer=keras.initializers.Constant(math.log(self.initial_t)),
-        trainable=self.train_t)
+      name="log_t",
+      shape=(),
+      initializer=keras.initializers.Constant(math.log(self.initial_t)),
+      trainable=self.train_t,
+    )
 
   @property
   def t_final(self):
@@ -148,11 +171,28 @@ class GradientFlowClassifier(keras.layers.Layer):
       num_ways = self.num_ways
     if num_ways is None:
       num_ways = tf.reduce_max(tf.cast(support_labels, tf.int32)) + 1
-    return tf.zeros(tf.stack([num_ways, tf.shape(support_embeddings)[-1]]),
-                    support_embeddings.dtype), num_ways
+    if support_labels.dtype.is_integer:
+      # N comes from the labels: they must make a task (every class
+      # 0..N-1 present, so N <= M), or a stray label 999 would silently
+      # make 1,000-way logits.
+      with tf.control_dependencies(
+        _adapt.check_task_labels(support_labels, num_ways)
+      ):
+        num_ways = tf.identity(num_ways)
+    return tf.zeros(
+      tf.stack([num_ways, tf.shape(support_embeddings)[-1]]),
+      support_embeddings.dtype,
+    ), num_ways
 
-  def adapt(self, support_embeddings, support_labels, training=None,
-            num_ways=None, return_stats=False):
+  def adapt(
+    self,
+    support_embeddings,
+    support_labels,
+    training=None,
+    num_ways=None,
+    return_stats=False,
+    max_steps=None,
+  ):
     """Adapted weights for each task.
 
     Args:
@@ -162,39 +202,55 @@ class GradientFlowClassifier(keras.layers.Layer):
         solve (otherwise).
       num_ways: N for a tied-rows layer (default: largest label + 1).
       return_stats: also return the solve's `SolveStats`.
+      max_steps: most solver steps of this call (default: the layer's),
+        e.g. a serving budget.
 
     Returns:
       [B, N, d] (or [N, d]) adapted weights, and the stats if asked.
     """
-    support_embeddings = tf.convert_to_tensor(support_embeddings,
-                                              dtype=self.compute_dtype)
+    support_embeddings = tf.convert_to_tensor(
+      support_embeddings, dtype=self.compute_dtype
+    )
     support_labels = tf.convert_to_tensor(support_labels)
-    init_weights, num_ways = self._initial_weights(support_embeddings,
-                                                   support_labels, num_ways)
+    init_weights, num_ways = self._initial_weights(
+      support_embeddings, support_labels, num_ways
+    )
     init_weights = tf.cast(init_weights, support_embeddings.dtype)
     labels = support_labels
     if self.label_smoothing > 0:
       if not support_labels.dtype.is_integer:
         raise TypeError("label_smoothing needs integer support_labels.")
-      one_hot = tf.one_hot(support_labels, num_ways,
-                           dtype=support_embeddings.dtype)
+      one_hot = tf.one_hot(
+        support_labels, num_ways, dtype=support_embeddings.dtype
+      )
       labels = one_hot * (1.0 - self.label_smoothing) + (
-          self.label_smoothing / tf.cast(num_ways, support_embeddings.dtype))
+        self.label_smoothing / tf.cast(num_ways, support_embeddings.dtype)
+      )
       # Out-of-range labels give all-zero rows, which adapt rejects.
     options = dict(
-        method=self.method if training else _PLAIN_SOLVE, solver=self.solver,
-        rtol=self.rtol, atol=self.atol, max_steps=self.max_steps,
-        num_steps=self.num_steps, tasks_per_solve=self.tasks_per_solve,
-        return_stats=True)
+      method=self.method if training else _PLAIN_SOLVE,
+      solver=self.solver,
+      rtol=self.rtol,
+      atol=self.atol,
+      max_steps=self.max_steps if max_steps is None else max_steps,
+      num_steps=self.num_steps,
+      tasks_per_solve=self.tasks_per_solve,
+      return_stats=True,
+    )
     run = functools.partial(_adapt.adapt, **options)
     if self.jit_compile:
-      # One compiled function per gradient method (training or not).
-      if options["method"] not in self._compiled_adapt:
-        self._compiled_adapt[options["method"]] = tf.function(
-            run, jit_compile=True)
-      run = self._compiled_adapt[options["method"]]
-    weights, stats = run(init_weights, support_embeddings, labels,
-                         tf.cast(self.t_final, support_embeddings.dtype))
+      # One compiled function per gradient method (training or not) and
+      # step budget.
+      key = (options["method"], options["max_steps"])
+      if key not in self._compiled_adapt:
+        self._compiled_adapt[key] = tf.function(run, jit_compile=True)
+      run = self._compiled_adapt[key]
+    weights, stats = run(
+      init_weights,
+      support_embeddings,
+      labels,
+      tf.cast(self.t_final, support_embeddings.dtype),
+    )
     return (weights, stats) if return_stats else weights
 
   @staticmethod
@@ -202,33 +258,67 @@ class GradientFlowClassifier(keras.layers.Layer):
     """Query logits [B, Q, N] from embeddings [B, Q, d], weights [B, N, d]."""
     return tf.matmul(query_embeddings, weights, transpose_b=True)
 
-  def call(self, support_embeddings, support_labels, query_embeddings,
-           training=None):
+  def call(
+    self, support_embeddings, support_labels, query_embeddings, training=None
+  ):
     """Query logits [B, Q, N] after adapting to each task's support set.
 
     Args:
       support_embeddings: [B, M, d] float.
-      support_labels: int [B, M] in [0, N).
-      query_embeddings: [B, Q, d] float.
+      support_labels: int [B, M] in [0, N); with tied rows, every class
+        0..N-1 in every task.
+      query_embeddings: [B, Q, d] float, the same B.
       training: see `adapt`.
+
+    Raises:
+      ValueError / tf.errors.InvalidArgumentError: support and query sets
+        of different numbers of tasks B (statically known or not), or, with
+        tied rows, labels that are not a task.
     """
+    support_embeddings = tf.convert_to_tensor(
+      support_embeddings, dtype=self.compute_dtype
+    )
+    query_embeddings = tf.convert_to_tensor(
+      query_embeddings, dtype=support_embeddings.dtype
+    )
+    # Else a query batch of 1 would broadcast against any support batch.
+    checks = _adapt._check_equal_dims(  # pylint: disable=protected-access
+      "support_embeddings",
+      support_embeddings,
+      0,
+      "query_embeddings",
+      query_embeddings,
+      0,
+      "number of tasks B (first axis)",
+    )
+    with tf.control_dependencies(checks):
+      support_embeddings = tf.identity(support_embeddings)
     weights = self.adapt(support_embeddings, support_labels, training=training)
-    query_embeddings = tf.convert_to_tensor(query_embeddings,
-                                            dtype=weights.dtype)
     return self.logits(query_embeddings, weights)
 
-  def compute_output_shape(self, support_embeddings_shape,
-                           support_labels_shape=None,
-                           query_embeddings_shape=None):
+  def compute_output_shape(
+    self,
+    support_embeddings_shape,
+    support_labels_shape=None,
+    query_embeddings_shape=None,
+  ):
     return tuple(query_embeddings_shape[:-1]) + (self.num_ways,)
 
   def get_config(self):
     config = super().get_config()
     config.update(
-        num_ways=self.num_ways, initial_t=self.initial_t, train_t=self.train_t,
-        method=self.method, solver=self.solver, rtol=self.rtol,
-        atol=self.atol, max_steps=self.max_steps, num_steps=self.num_steps,
-        label_smoothing=self.label_smoothing,
-        tie_init_rows=self.tie_init_rows, jit_compile=self.jit_compile,
-        tasks_per_solve=self.tasks_per_solve)
+      num_ways=self.num_ways,
+      initial_t=self.initial_t,
+      train_t=self.train_t,
+      method=self.method,
+      solver=self.solver,
+      rtol=self.rtol,
+      atol=self.atol,
+      max_steps=self.max_steps,
+      num_steps=self.num_steps,
+      label_smoothing=self.label_smoothing,
+      tie_init_rows=self.tie_init_rows,
+      jit_compile=self.jit_compile,
+      tasks_per_solve=self.tasks_per_solve,
+    )
     return config

@@ -56,8 +56,10 @@ class COMLN(keras.Model):
     if isinstance(backbone, str):
       backbone = backbones.get_backbone(backbone)
     if not isinstance(classifier, layers.GradientFlowClassifier):
-      raise TypeError("classifier must be a GradientFlowClassifier, got "
-                      f"{type(classifier).__name__}")
+      raise TypeError(
+        "classifier must be a GradientFlowClassifier, got "
+        f"{type(classifier).__name__}"
+      )
     if not weight_decay >= 0:
       raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
     self.backbone = backbone
@@ -93,11 +95,12 @@ class COMLN(keras.Model):
       float32 [B, Q, N] query logits (and the SolveStats if return_stats).
     """
     support_embeddings, query_embeddings = self.embed_episode(
-        inputs, training=training)
+      inputs, training=training
+    )
     support_labels = tf.cast(inputs["support_labels"], tf.int32)
     weights, stats = self.classifier.adapt(
-        support_embeddings, support_labels, training=training,
-        return_stats=True)
+      support_embeddings, support_labels, training=training, return_stats=True
+    )
     logits = self.classifier.logits(query_embeddings, weights)
     return (logits, stats) if return_stats else logits
 
@@ -117,7 +120,8 @@ class COMLN(keras.Model):
     # One backbone pass per task over support and query together: the
     # per-task batch norm statistics come from both.
     embeddings = self.backbone(
-        tf.concat([support_images, query_images], axis=1), training=training)
+      tf.concat([support_images, query_images], axis=1), training=training
+    )
     return embeddings[:, :num_support], embeddings[:, num_support:]
 
   @staticmethod
@@ -131,14 +135,19 @@ class COMLN(keras.Model):
     Returns:
       float scalar.
     """
-    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=tf.cast(query_labels, tf.int32), logits=logits))
+    return tf.reduce_mean(
+      tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.cast(query_labels, tf.int32), logits=logits
+      )
+    )
 
   def _update_metrics(self, episode, logits, loss, stats):
     """Updates the trackers; returns the logs of a train or test step."""
     self.loss_tracker.update_state(loss)
-    correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32),
-                       tf.cast(episode["query_labels"], tf.int32))
+    correct = tf.equal(
+      tf.argmax(logits, axis=-1, output_type=tf.int32),
+      tf.cast(episode["query_labels"], tf.int32),
+    )
     self.accuracy_tracker.update_state(tf.cast(correct, tf.float32))
     self.num_evals_tracker.update_state(stats.num_evals)
     logs = {metric.name: metric.result() for metric in self.metrics}
@@ -156,8 +165,10 @@ class COMLN(keras.Model):
       The list of gradients with the L2 term added.
     """
     log_t = self.classifier.log_t
-    return [g if g is None or v is log_t else g + self.weight_decay * v.value
-            for g, v in zip(gradients, variables)]
+    return [
+      g if g is None or v is log_t else g + self.weight_decay * v.value
+      for g, v in zip(gradients, variables)
+    ]
 
   def replica_gradients(self, data):
     """This replica's part of the meta-gradient of a meta-batch.
@@ -180,8 +191,9 @@ class COMLN(keras.Model):
       logits, stats = self(data, training=True, return_stats=True)
       loss = self.query_loss(data["query_labels"], logits)
     variables = self.trainable_variables
-    gradients = self.regularized_gradients(tape.gradient(loss, variables),
-                                           variables)
+    gradients = self.regularized_gradients(
+      tape.gradient(loss, variables), variables
+    )
     num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
     return loss, logits, stats, [g / num_replicas for g in gradients]
 
@@ -204,17 +216,20 @@ class COMLN(keras.Model):
     """
     if self.optimizer.weight_decay:
       raise ValueError(
-          "Use COMLN(weight_decay=...) instead of the optimizer's "
-          "weight_decay, which would also decay tau = log T.")
-    if (tf.distribute.get_strategy().num_replicas_in_sync > 1 and
-        (self.optimizer.clipnorm or self.optimizer.global_clipnorm)):
+        "Use COMLN(weight_decay=...) instead of the optimizer's "
+        "weight_decay, which would also decay tau = log T."
+      )
+    if tf.distribute.get_strategy().num_replicas_in_sync > 1 and (
+      self.optimizer.clipnorm or self.optimizer.global_clipnorm
+    ):
       # Measured (Keras 3.15, MirroredStrategy): each replica's part is
       # clipped before the optimizer sums them.
       raise ValueError(
-          "The optimizer's clipnorm/global_clipnorm clips each replica's "
-          "part of the gradient separately under tf.distribute, not the "
-          "gradient. Remove it, or meta-train with comln_tf.training "
-          "(launch.train --clip_norm), which clips the summed gradient.")
+        "The optimizer's clipnorm/global_clipnorm clips each replica's "
+        "part of the gradient separately under tf.distribute, not the "
+        "gradient. Remove it, or meta-train with comln_tf.training "
+        "(launch.train --clip_norm), which clips the summed gradient."
+      )
     loss, logits, stats, gradients = self.replica_gradients(data)
     self.optimizer.apply(gradients, self.trainable_variables)
     return self._update_metrics(data, logits, loss, stats)
@@ -232,11 +247,11 @@ class COMLN(keras.Model):
 
   def get_config(self):
     return {
-        "name": self.name,
-        "trainable": self.trainable,
-        "backbone": keras.saving.serialize_keras_object(self.backbone),
-        "classifier": keras.saving.serialize_keras_object(self.classifier),
-        "weight_decay": self.weight_decay,
+      "name": self.name,
+      "trainable": self.trainable,
+      "backbone": keras.saving.serialize_keras_object(self.backbone),
+      "classifier": keras.saving.serialize_keras_object(self.classifier),
+      "weight_decay": self.weight_decay,
     }
 
   @classmethod

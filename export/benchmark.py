@@ -33,12 +33,17 @@ from export import session
 from export import warmup
 
 _EXPORT_DIR = flags.DEFINE_string(
-    "export_dir", None, "An export version folder; default: export an "
-    "untrained Conv-4 Omniglot model to a temporary folder.")
-_REQUESTS = flags.DEFINE_integer("requests", 200, "Timed requests per case.",
-                                 lower_bound=1)
-_OUTPUT = flags.DEFINE_string("output", None, "Also write the results here "
-                              "(JSON).")
+  "export_dir",
+  None,
+  "An export version folder; default: export an "
+  "untrained Conv-4 Omniglot model to a temporary folder.",
+)
+_REQUESTS = flags.DEFINE_integer(
+  "requests", 200, "Timed requests per case.", lower_bound=1
+)
+_OUTPUT = flags.DEFINE_string(
+  "output", None, "Also write the results here (JSON)."
+)
 
 _WAYS = 5
 _UNTIMED = 5
@@ -47,17 +52,22 @@ _UNTIMED = 5
 def _untrained_export(directory):
   """Exports a freshly initialised default Conv-4 model; returns its path."""
   import keras  # Only this path needs the training code.
+
   from comln_tf import training
 
   keras.utils.set_random_seed(0)
-  config = training.make_config(example_shape=[28, 28, 1])
-  return saved_model.export_version(training.build_model(config), directory,
-                                    config["example_shape"])
+  config = training.make_config({"data.example_shape": [28, 28, 1]})
+  return saved_model.export_version(
+    training.build_model(config), directory, config.data.example_shape
+  )
 
 
 def _size_mb(directory):
-  total = sum(os.path.getsize(os.path.join(root, name))
-              for root, _, names in os.walk(directory) for name in names)
+  total = sum(
+    os.path.getsize(os.path.join(root, name))
+    for root, _, names in os.walk(directory)
+    for name in names
+  )
   return total / 2**20
 
 
@@ -85,8 +95,9 @@ def run(export_dir, count):
     warmup_replay_s, and cases: list of dicts (case, p50_ms, p99_ms,
     mean_ms, requests).
   """
-  with open(os.path.join(export_dir, "assets.extra",
-                         saved_model.METADATA_FILE)) as f:
+  with open(
+    os.path.join(export_dir, "assets.extra", saved_model.METADATA_FILE)
+  ) as f:
     example_shape = json.load(f)["example_shape"]
   start = time.perf_counter()
   served = session.SessionModel(export_dir)
@@ -96,8 +107,10 @@ def run(export_dir, count):
   adapt_and_predict = served.callable("serving_default", names)
   adapt = served.callable("adapt", names[:2])
   predict = served.callable("predict", ("query_images", "weights"))
-  tasks = {shots: warmup.task(example_shape, _WAYS, shots, seed=100 + shots)
-           for shots in (1, 5)}
+  tasks = {
+    shots: warmup.task(example_shape, _WAYS, shots, seed=100 + shots)
+    for shots in (1, 5)
+  }
   first = tasks[1]
   start = time.perf_counter()
   adapt_and_predict(*[first[key] for key in names])
@@ -112,41 +125,58 @@ def run(export_dir, count):
 
   def measure(case, function, arrays):
     ms = _latencies_ms(function, arrays, count)
-    cases.append({"case": case, "p50_ms": float(np.percentile(ms, 50)),
-                  "p99_ms": float(np.percentile(ms, 99)),
-                  "mean_ms": float(ms.mean()), "requests": count})
+    cases.append(
+      {
+        "case": case,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+        "requests": count,
+      }
+    )
 
   for shots, task in tasks.items():
     queries = len(task["query_images"])
-    measure(f"adapt_and_predict {_WAYS}-way {shots}-shot, {queries} queries",
-            adapt_and_predict, [task[key] for key in names])
+    measure(
+      f"adapt_and_predict {_WAYS}-way {shots}-shot, {queries} queries",
+      adapt_and_predict,
+      [task[key] for key in names],
+    )
   for shots, task in tasks.items():
-    measure(f"adapt {_WAYS}-way {shots}-shot", adapt,
-            [task[key] for key in names[:2]])
+    measure(
+      f"adapt {_WAYS}-way {shots}-shot", adapt, [task[key] for key in names[:2]]
+    )
   weights = adapt(*[tasks[5][key] for key in names[:2]])["weights"]
   queries = tasks[5]["query_images"]
   measure(f"predict, {len(queries)} queries", predict, [queries, weights])
-  return {"export_dir": export_dir, "size_mb": _size_mb(export_dir),
-          "warmup_size_mb": os.path.getsize(warmup.path(export_dir)) / 2**20,
-          "load_s": load_s, "first_request_ms": first_request_ms,
-          "warmup_replay_s": warmup_replay_s, "cpu_count": os.cpu_count(),
-          "cases": cases}
+  return {
+    "export_dir": export_dir,
+    "size_mb": _size_mb(export_dir),
+    "warmup_size_mb": os.path.getsize(warmup.path(export_dir)) / 2**20,
+    "load_s": load_s,
+    "first_request_ms": first_request_ms,
+    "warmup_replay_s": warmup_replay_s,
+    "cpu_count": os.cpu_count(),
+    "cases": cases,
+  }
 
 
 def _table(results):
-  lines = ["| request | p50 (ms) | p99 (ms) | mean (ms) |",
-           "|---|---|---|---|"]
-  lines += [f"| {c['case']} | {c['p50_ms']:.1f} | {c['p99_ms']:.1f} | "
-            f"{c['mean_ms']:.1f} |" for c in results["cases"]]
+  lines = ["| request | p50 (ms) | p99 (ms) | mean (ms) |", "|---|---|---|---|"]
   lines += [
-      "",
-      f"Export {results['export_dir']}: {results['size_mb']:.2f} MB on disk "
-      f"(warmup requests {results['warmup_size_mb']:.2f} MB); session load "
-      f"{results['load_s']:.2f} s; first request "
-      f"{results['first_request_ms']:.0f} ms; warmup replay "
-      f"{results['warmup_replay_s']:.2f} s; "
-      f"{results['cases'][0]['requests']} timed requests per case, "
-      f"{results['cpu_count']} CPUs.",
+    f"| {c['case']} | {c['p50_ms']:.1f} | {c['p99_ms']:.1f} | "
+    f"{c['mean_ms']:.1f} |"
+    for c in results["cases"]
+  ]
+  lines += [
+    "",
+    f"Export {results['export_dir']}: {results['size_mb']:.2f} MB on disk "
+    f"(warmup requests {results['warmup_size_mb']:.2f} MB); session load "
+    f"{results['load_s']:.2f} s; first request "
+    f"{results['first_request_ms']:.0f} ms; warmup replay "
+    f"{results['warmup_replay_s']:.2f} s; "
+    f"{results['cases'][0]['requests']} timed requests per case, "
+    f"{results['cpu_count']} CPUs.",
   ]
   return "\n".join(lines)
 

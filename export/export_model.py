@@ -1,39 +1,61 @@
 r"""Exports a trained COMLN run as a SavedModel version for TF Serving.
 
-Reads the run's config.json and its latest or best checkpoint and writes
+Reads the run's config.json and a checkpoint (by default the one
+`launch.evaluate` evaluates: the best, or the latest if the run has no
+best) and writes
 `<export_base>/<version>/` (by default the next free number: TF Serving
 serves the highest one), with warmup requests in `assets.extra/`. See
 `export/saved_model.py` for the signatures.
 
 Usage:
   python -m export.export_model --model_dir=runs/omniglot_5w1s \
-      --export_base=exports/comln --checkpoint=best
+      --export_base=exports/comln
 """
 
 import sys
 
 from absl import app
 from absl import flags
+import tensorflow as tf
 
 from comln_tf import training
 from export import saved_model
 
-_MODEL_DIR = flags.DEFINE_string("model_dir", None,
-                                 "The training run's directory.")
+_MODEL_DIR = flags.DEFINE_string(
+  "model_dir", None, "The training run's directory."
+)
 _EXPORT_BASE = flags.DEFINE_string(
-    "export_base", None,
-    "The model's base folder (the one TF Serving watches); the export goes "
-    "to <export_base>/<version>/.")
+  "export_base",
+  None,
+  "The model's base folder (the one TF Serving watches); the export goes "
+  "to <export_base>/<version>/.",
+)
 _CHECKPOINT = flags.DEFINE_enum(
-    "checkpoint", "latest", ["latest", "best"],
-    "Which checkpoint: the latest, or the best on validation.")
+  "checkpoint",
+  "auto",
+  training.CHECKPOINTS,
+  "Which checkpoint: best on validation, latest, or auto: the best if the "
+  "run has one, else the latest (what launch.evaluate evaluates by "
+  "default).",
+)
 _VERSION = flags.DEFINE_integer(
-    "version", None, "Version number; default: 1 + the highest existing.",
-    lower_bound=1)
+  "version",
+  None,
+  "Version number; default: 1 + the highest existing.",
+  lower_bound=1,
+)
 _MODEL_NAME = flags.DEFINE_string(
-    "model_name", "comln",
-    "The name TF Serving serves the model under (used in the warmup "
-    "requests).")
+  "model_name",
+  "comln",
+  "The name TF Serving serves the model under (used in the warmup requests).",
+)
+_WARMUP_WAYS = flags.DEFINE_integer(
+  "warmup_ways",
+  None,
+  "Ways of the warmup requests of a model with tied rows of W0 (default: "
+  "the run's); fewer ways make a smaller warmup file.",
+  lower_bound=2,
+)
 flags.mark_flags_as_required(["model_dir", "export_base"])
 
 
@@ -41,21 +63,37 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
-    model, config = training.restore_model(_MODEL_DIR.value,
-                                           _CHECKPOINT.value)
+    config = training.load_config(_MODEL_DIR.value)
+    # Once: a live run may replace its best or old checkpoints.
     checkpoint = training.checkpoint_path(_MODEL_DIR.value, _CHECKPOINT.value)
+    step = training.checkpoint_step(checkpoint)
+    model = training.model_from_checkpoint(config, checkpoint)
     export_dir = saved_model.export_version(
-        model, _EXPORT_BASE.value, config["example_shape"],
-        version=_VERSION.value, ways=config["ways"],
-        model_name=_MODEL_NAME.value,
-        metadata={"checkpoint": checkpoint,
-                  "step": training.checkpoint_step(checkpoint),
-                  "dataset": config["dataset"], "ways": config["ways"],
-                  "shots": config["shots"], "backbone": config["backbone"]})
-  except (FileNotFoundError, FileExistsError) as error:
+      model,
+      _EXPORT_BASE.value,
+      config.data.example_shape,
+      version=_VERSION.value,
+      ways=_WARMUP_WAYS.value or config.data.ways,
+      model_name=_MODEL_NAME.value,
+      metadata={
+        "checkpoint": checkpoint,
+        "step": step,
+        "dataset": config.data.dataset,
+        "ways": config.data.ways,
+        "shots": config.data.shots,
+        "backbone": config.model.backbone,
+      },
+    )
+  except OSError as error:
+    # Missing run or checkpoint, existing version, export base that is a
+    # file or cannot be written: one line, no traceback.
     sys.exit(f"export_model: {error}")
-  print(f"Exported {checkpoint} to {export_dir}; signatures: "
-        f"{', '.join(saved_model.SIGNATURES)}.")
+  except tf.errors.OpError as error:
+    sys.exit(f"export_model: {error.message.strip().splitlines()[0]}")
+  print(
+    f"Exported {checkpoint} (step {step}) to {export_dir}; signatures: "
+    f"{', '.join(saved_model.SIGNATURES)}."
+  )
 
 
 if __name__ == "__main__":

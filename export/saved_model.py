@@ -29,12 +29,18 @@ is close to, but not equal to, adapt_and_predict.
 
 Bad inputs fail with InvalidArgument errors that name the input: wrong
 image size or channels, empty support or query set, labels out of range,
-a class missing from the support set, non-finite pixels or weights. The
-signatures leave H, W and C unknown so that a wrong size is always reported
-by these checks, in the same words for every client; with static sizes,
-each loader would enforce them (or not) in its own way (the Python session
-raises a ValueError before the graph runs). Only the rank is fixed by the
-signature.
+a class missing from the support set, non-finite pixels or weights, pixels
+outside [0, 1]. The signatures leave H, W and C unknown so that a wrong
+size is always reported by these checks, in the same words for every
+client; with static sizes, each loader would enforce them (or not) in its
+own way (the Python session raises a ValueError before the graph runs).
+Only the rank is fixed by the signature.
+
+A request's work is bounded: its solve runs at most `max_serving_steps`
+solver steps (fixed at export, in the metadata), and a support set whose
+flow is far too stiff for that budget (estimated from the largest
+eigenvalue of its embeddings' Gram matrix, before any solver step) is
+refused with an error saying so.
 
 Layout written by `export`: `<export_dir>/saved_model.pb`, `variables/`,
 `assets.extra/tf_serving_warmup_requests` (PredictionLog records, replayed by
@@ -45,6 +51,7 @@ needs to know: ways, image shape, embedding size, T).
 import json
 import os
 from typing import Optional, Sequence
+import uuid
 
 import keras
 import tensorflow as tf
@@ -60,6 +67,21 @@ SERVING_DEFAULT = tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY
 SIGNATURES = (SERVING_DEFAULT, ADAPT_AND_PREDICT, ADAPT, PREDICT, EMBED)
 
 METADATA_FILE = "comln_export.json"
+
+# Most solver steps of one request's solve, fixed at export (see `export`).
+# Trained Omniglot models take 25-80 dopri5 steps per task (142-470 ODE
+# evaluations at T ~ 245), untrained ones up to ~500 at M = 95-380.
+DEFAULT_SERVING_STEPS = 2_000
+
+# dopri5 is stable for steps h with h * rate <= ~3.3 on decaying modes.
+_DOPRI5_STABILITY = 3.3
+
+# A request is refused before its solve when its estimated steps exceed
+# this many times the budget (see `_Endpoints._check_stiffness`).
+_STIFFNESS_MARGIN = 10.0
+
+# Power iterations for the largest eigenvalue of a support Gram matrix.
+_POWER_ITERATIONS = 30
 
 
 def _assert(condition, message, *data):
@@ -97,25 +119,40 @@ class _Endpoints:
     model: a built COMLN model.
     example_shape: shape of one example, (H, W, C) for images (or (d,) for
       the identity backbone on precomputed features).
+    max_steps: the serving step budget of one solve.
   """
 
-  def __init__(self, model: COMLN, example_shape: Sequence[int]):
+  def __init__(
+    self,
+    model: COMLN,
+    example_shape: Sequence[int],
+    max_steps: int = DEFAULT_SERVING_STEPS,
+  ):
     self.model = model
+    self.max_steps = max_steps
     self.example_shape = tuple(int(s) for s in example_shape)
+    # Images (rank 3) have pixels in [0, 1]; feature vectors any values.
+    self.images = len(self.example_shape) == 3
     self.num_ways = model.classifier.num_ways
     self.tied = model.classifier.tie_init_rows
     self.embedding_size = model.backbone.compute_output_shape(
-        (1, 1) + self.example_shape)[-1]
+      (1, 1) + self.example_shape
+    )[-1]
     if not self.tied and self.num_ways is None:
       raise ValueError("A model without tied rows needs num_ways.")
 
   def _examples_spec(self, name):
     # Rank fixed, every size left open: see the module docstring.
-    return tf.TensorSpec([None] * (1 + len(self.example_shape)), tf.float32,
-                         name=name)
+    return tf.TensorSpec(
+      [None] * (1 + len(self.example_shape)), tf.float32, name=name
+    )
 
   def _checked_examples(self, name, examples, count="n"):
     """Asserts [count, *example_shape] with count >= 1 and finite values.
+
+    Images must have pixels in [0, 1], as in training: a set scaled
+    otherwise (e.g. [0, 255]) would give wrong answers, not an error, and
+    huge values make the solve stiff.
 
     Returns:
       float32 [count, *example_shape] with a static example shape.
@@ -123,15 +160,30 @@ class _Endpoints:
     shape = tf.shape(examples)
     wanted = ", ".join([count] + [str(s) for s in self.example_shape])
     checks = [
-        lambda: _assert(
-            tf.reduce_all(tf.equal(shape[1:], self.example_shape)),
-            f"{name} must have shape [{wanted}]; got shape", shape),
-        lambda: _assert(shape[0] > 0,
-                        f"{name} is empty: send at least one example"),
-        lambda: _assert(tf.reduce_all(tf.math.is_finite(examples)),
-                        f"{name} must be finite (no NaN or Inf values)"),
+      lambda: _assert(
+        tf.reduce_all(tf.equal(shape[1:], self.example_shape)),
+        f"{name} must have shape [{wanted}]; got shape",
+        shape,
+      ),
+      lambda: _assert(
+        shape[0] > 0, f"{name} is empty: send at least one example"
+      ),
+      lambda: _assert(
+        tf.reduce_all(tf.math.is_finite(examples)),
+        f"{name} must be finite (no NaN or Inf values)",
+      ),
     ]
-    examples, = _in_order(checks, examples)
+    if self.images:
+      checks.append(
+        lambda: _assert(
+          (tf.reduce_min(examples) >= 0.0) & (tf.reduce_max(examples) <= 1.0),
+          f"{name} must hold pixels in [0, 1] (scaled as in training); got "
+          f"values in",
+          tf.reduce_min(examples),
+          tf.reduce_max(examples),
+        )
+      )
+    (examples,) = _in_order(checks, examples)
     return tf.ensure_shape(examples, (None,) + self.example_shape)
 
   def _checked_labels(self, support_labels, num_support):
@@ -140,30 +192,51 @@ class _Endpoints:
     N is the number of ways as trained, or max(label) + 1 with tied rows.
     """
     shape = tf.shape(support_labels)
-    checks = [lambda: _assert(
+    checks = [
+      lambda: _assert(
         tf.equal(shape[0], num_support),
         "support_labels must have shape [M], M = the number of "
-        "support_images; got shapes", shape, "and M =", num_support)]
+        "support_images; got shapes",
+        shape,
+        "and M =",
+        num_support,
+      )
+    ]
     low, high = tf.reduce_min(support_labels), tf.reduce_max(support_labels)
     if self.tied:
       # Compared in int64 before the cast: a huge label must not wrap around.
       num_support_64 = tf.cast(num_support, tf.int64)
       checks += [
-          lambda: _assert(low >= 0, "support_labels must be >= 0; got "
-                          "min(support_labels) =", low),
-          lambda: _assert(high >= 1, "support_labels must hold at least "
-                          "2 classes 0..N-1; got N =", high + 1),
-          # Before the bincount below: a huge label must not allocate.
-          lambda: _assert(
-              high < num_support_64, "every class 0..N-1 must appear in "
-              "support_labels, so N = max(support_labels) + 1 <= M; got "
-              "max(support_labels) =", high, "and M =", num_support),
+        lambda: _assert(
+          low >= 0,
+          "support_labels must be >= 0; got min(support_labels) =",
+          low,
+        ),
+        lambda: _assert(
+          high >= 1,
+          "support_labels must hold at least 2 classes 0..N-1; got N =",
+          high + 1,
+        ),
+        # Before the bincount below: a huge label must not allocate.
+        lambda: _assert(
+          high < num_support_64,
+          "every class 0..N-1 must appear in "
+          "support_labels, so N = max(support_labels) + 1 <= M; got "
+          "max(support_labels) =",
+          high,
+          "and M =",
+          num_support,
+        ),
       ]
     else:
-      checks.append(lambda: _assert(
+      checks.append(
+        lambda: _assert(
           (low >= 0) & (high < self.num_ways),
           f"support_labels must be in [0, {self.num_ways}); got values in",
-          low, high))
+          low,
+          high,
+        )
+      )
 
     def ways(labels):
       # With tied rows, built from checked values only: nothing sized by N
@@ -174,15 +247,21 @@ class _Endpoints:
 
     def every_class_present():
       num_ways = ways(support_labels)
-      counts = tf.math.bincount(tf.cast(support_labels, tf.int32),
-                                minlength=num_ways, maxlength=num_ways)
+      counts = tf.math.bincount(
+        tf.cast(support_labels, tf.int32),
+        minlength=num_ways,
+        maxlength=num_ways,
+      )
       return _assert(
-          tf.reduce_all(counts > 0),
-          "every class 0..N-1 must appear in support_labels; N =", num_ways,
-          "missing classes:", tf.where(tf.equal(counts, 0))[:, 0])
+        tf.reduce_all(counts > 0),
+        "every class 0..N-1 must appear in support_labels; N =",
+        num_ways,
+        "missing classes:",
+        tf.where(tf.equal(counts, 0))[:, 0],
+      )
 
     checks.append(every_class_present)
-    support_labels, = _in_order(checks, support_labels)
+    (support_labels,) = _in_order(checks, support_labels)
     return tf.cast(support_labels, tf.int32), ways(support_labels)
 
   def _checked_weights(self, weights):
@@ -194,55 +273,123 @@ class _Endpoints:
     else:
       rows_ok, rows = tf.equal(shape[0], self.num_ways), f"N = {self.num_ways}"
     checks = [
-        lambda: _assert(rows_ok & tf.equal(shape[1], d),
-                        f"weights must have shape [N, {d}] with {rows} (the "
-                        "output of adapt); got shape", shape),
-        lambda: _assert(tf.reduce_all(tf.math.is_finite(weights)),
-                        "weights must be finite (no NaN or Inf values)"),
+      lambda: _assert(
+        rows_ok & tf.equal(shape[1], d),
+        f"weights must have shape [N, {d}] with {rows} (the "
+        "output of adapt); got shape",
+        shape,
+      ),
+      lambda: _assert(
+        tf.reduce_all(tf.math.is_finite(weights)),
+        "weights must be finite (no NaN or Inf values)",
+      ),
     ]
-    weights, = _in_order(checks, weights)
+    (weights,) = _in_order(checks, weights)
     return tf.ensure_shape(weights, (None, d))
 
   def _embeddings(self, examples):
     """[n, *example_shape] -> [n, d], the n examples normalised as one task."""
     return self.model.backbone(examples[None], training=False)[0]
 
+  def _check_stiffness(self, support_embeddings, num_ways):
+    """Asserts that the solve is expected to fit the step budget.
+
+    The flow ds/dt = (softmax(L0 - G s) - Y) / M has Jacobian
+    -(1/M) (softmax Jacobian) x G. At the start (near-uniform
+    probabilities, exactly so with tied rows) its fastest rate is
+    lambda_max(G) / (M N), and an explicit solver (dopri5) needs about
+    T lambda_max(G) / (3.3 M N) steps while the flow stays that stiff. It
+    often does not (probabilities saturate as the classes separate), so
+    this overestimates: requests are refused only beyond _STIFFNESS_MARGIN
+    times the budget, where no solve fits it; the others run at most
+    `max_steps` steps. lambda_max comes from power iterations, which never
+    overestimate it.
+    """
+    embeddings = tf.cast(support_embeddings, tf.float64)
+    gram = tf.matmul(embeddings, embeddings, transpose_b=True)
+    vector = tf.ones([tf.shape(gram)[0], 1], tf.float64)
+    for _ in range(_POWER_ITERATIONS):
+      vector = tf.matmul(gram, vector)
+      vector /= tf.maximum(tf.norm(vector), 1e-300)
+    eigenvalue = tf.reduce_sum(vector * tf.matmul(gram, vector))
+    num_examples = tf.cast(tf.shape(gram)[0], tf.float64)
+    t_final = tf.cast(self.model.classifier.t_final, tf.float64)
+    steps = (
+      t_final
+      * eigenvalue
+      / (_DOPRI5_STABILITY * num_examples * tf.cast(num_ways, tf.float64))
+    )
+    limit = _STIFFNESS_MARGIN * self.max_steps
+    checks = [
+      lambda: _assert(
+        tf.reduce_all(tf.math.is_finite(gram)),
+        "the support_images' embeddings overflow (their Gram matrix is "
+        "not finite): the inputs are far outside the training range",
+      ),
+      lambda: _assert(
+        steps <= limit,
+        f"support set too stiff to adapt within the serving step budget "
+        f"of {self.max_steps} steps fixed at export: the embeddings' Gram "
+        f"matrix has largest eigenvalue",
+        eigenvalue,
+        "so the flow up to T =",
+        t_final,
+        "needs about",
+        steps,
+        f"steps (> {limit:g}); inputs unlike the training data?",
+      ),
+    ]
+    (support_embeddings,) = _in_order(checks, support_embeddings)
+    return support_embeddings
+
   def _weights(self, support_embeddings, support_labels, num_ways):
     """Plain solve of the gradient flow (no sensitivities): [N, d]."""
+    support_embeddings = self._check_stiffness(support_embeddings, num_ways)
     return self.model.classifier.adapt(
-        support_embeddings[None], support_labels[None], training=False,
-        num_ways=num_ways if self.tied else None)[0]
+      support_embeddings[None],
+      support_labels[None],
+      training=False,
+      num_ways=num_ways if self.tied else None,
+      max_steps=self.max_steps,
+    )[0]
 
   @staticmethod
   def _outputs(query_embeddings, weights):
     logits = tf.matmul(query_embeddings, weights, transpose_b=True)
-    return {"logits": logits,
-            "probabilities": tf.nn.softmax(logits),
-            "classes": tf.argmax(logits, axis=-1, output_type=tf.int64)}
+    return {
+      "logits": logits,
+      "probabilities": tf.nn.softmax(logits),
+      "classes": tf.argmax(logits, axis=-1, output_type=tf.int64),
+    }
 
   def adapt_and_predict(self, support_images, support_labels, query_images):
     """One task -> logits, probabilities, classes of its queries."""
-    support_images = self._checked_examples("support_images", support_images,
-                                            "M")
+    support_images = self._checked_examples(
+      "support_images", support_images, "M"
+    )
     query_images = self._checked_examples("query_images", query_images, "Q")
     num_support = tf.shape(support_images)[0]
-    support_labels, num_ways = self._checked_labels(support_labels,
-                                                    num_support)
+    support_labels, num_ways = self._checked_labels(support_labels, num_support)
     # Support and queries embedded together, as the Keras model does.
     embeddings = self._embeddings(
-        tf.concat([support_images, query_images], axis=0))
-    weights = self._weights(embeddings[:num_support], support_labels,
-                            num_ways)
+      tf.concat([support_images, query_images], axis=0)
+    )
+    weights = self._weights(embeddings[:num_support], support_labels, num_ways)
     return self._outputs(embeddings[num_support:], weights)
 
   def adapt(self, support_images, support_labels):
     """A support set -> the adapted weights [N, d]."""
-    support_images = self._checked_examples("support_images", support_images,
-                                            "M")
+    support_images = self._checked_examples(
+      "support_images", support_images, "M"
+    )
     support_labels, num_ways = self._checked_labels(
-        support_labels, tf.shape(support_images)[0])
-    return {"weights": self._weights(self._embeddings(support_images),
-                                     support_labels, num_ways)}
+      support_labels, tf.shape(support_images)[0]
+    )
+    return {
+      "weights": self._weights(
+        self._embeddings(support_images), support_labels, num_ways
+      )
+    }
 
   def predict(self, query_images, weights):
     """Queries and adapted weights -> logits, probabilities, classes."""
@@ -252,8 +399,9 @@ class _Endpoints:
 
   def embed(self, images):
     """Images -> embeddings [n, d], the images normalised as one set."""
-    return {"embeddings": self._embeddings(
-        self._checked_examples("images", images))}
+    return {
+      "embeddings": self._embeddings(self._checked_examples("images", images))
+    }
 
   def input_signatures(self):
     """Per endpoint name, the list of TensorSpecs of its arguments."""
@@ -261,21 +409,23 @@ class _Endpoints:
     support = self._examples_spec("support_images")
     query = self._examples_spec("query_images")
     return {
-        ADAPT_AND_PREDICT: [support, labels, query],
-        ADAPT: [support, labels],
-        PREDICT: [query, tf.TensorSpec([None, None], tf.float32,
-                                       name="weights")],
-        EMBED: [self._examples_spec("images")],
+      ADAPT_AND_PREDICT: [support, labels, query],
+      ADAPT: [support, labels],
+      PREDICT: [query, tf.TensorSpec([None, None], tf.float32, name="weights")],
+      EMBED: [self._examples_spec("images")],
     }
 
 
-def export(model: COMLN,
-           export_dir: str,
-           example_shape: Sequence[int],
-           *,
-           ways: Optional[int] = None,
-           model_name: str = "comln",
-           metadata: Optional[dict] = None) -> str:
+def export(
+  model: COMLN,
+  export_dir: str,
+  example_shape: Sequence[int],
+  *,
+  ways: Optional[int] = None,
+  model_name: str = "comln",
+  metadata: Optional[dict] = None,
+  max_serving_steps: int = DEFAULT_SERVING_STEPS,
+) -> str:
   """Writes `model` as a SavedModel for TF Serving to `export_dir`.
 
   Args:
@@ -290,40 +440,62 @@ def export(model: COMLN,
       serves it under).
     metadata: extra JSON-able entries for `assets.extra/comln_export.json`
       (e.g. the checkpoint it comes from).
+    max_serving_steps: the most solver steps of one request, fixed in the
+      graph: a request's work is bounded whatever its inputs (see
+      `_Endpoints._check_stiffness` for those refused before solving).
 
   Returns:
     export_dir.
   """
+  if (
+    isinstance(max_serving_steps, bool)
+    or not isinstance(max_serving_steps, int)
+    or max_serving_steps < 1
+  ):
+    raise ValueError(
+      f"max_serving_steps must be a positive integer, got "
+      f"{max_serving_steps!r}."
+    )
   if tf.io.gfile.exists(export_dir):
     raise FileExistsError(f"{export_dir} already exists.")
-  endpoints = _Endpoints(model, example_shape)
+  endpoints = _Endpoints(model, example_shape, max_serving_steps)
   # No archive.track(model): the endpoints' variables are saved anyway, and
   # tracking would make TF trace the Keras model's own default signature.
   archive = keras.export.ExportArchive()
   functions = {}
   # The first endpoint is also written as serving_default.
   for name, signature in endpoints.input_signatures().items():
-    functions[name] = archive.add_endpoint(name, getattr(endpoints, name),
-                                           input_signature=signature)
+    functions[name] = archive.add_endpoint(
+      name, getattr(endpoints, name), input_signature=signature
+    )
   archive.write_out(export_dir, verbose=False)
 
   def adapt(support_images, support_labels):
     return functions[ADAPT](support_images, support_labels)["weights"].numpy()
 
-  warmup.write(export_dir, warmup.requests(
-      adapt, endpoints.example_shape, endpoints.num_ways or ways or 5,
-      endpoints.tied, model_name))
+  warmup.write(
+    export_dir,
+    warmup.requests(
+      adapt,
+      endpoints.example_shape,
+      endpoints.num_ways or ways or 5,
+      endpoints.tied,
+      model_name,
+    ),
+  )
   info = {
-      "signatures": list(SIGNATURES),
-      "example_shape": list(endpoints.example_shape),
-      "num_ways": endpoints.num_ways,
-      "tie_init_rows": endpoints.tied,
-      "embedding_size": endpoints.embedding_size,
-      "t_final": float(model.classifier.t_final.numpy()),
-      **(metadata or {}),
+    "signatures": list(SIGNATURES),
+    "example_shape": list(endpoints.example_shape),
+    "num_ways": endpoints.num_ways,
+    "tie_init_rows": endpoints.tied,
+    "embedding_size": endpoints.embedding_size,
+    "t_final": float(model.classifier.t_final.numpy()),
+    "max_serving_steps": max_serving_steps,
+    **(metadata or {}),
   }
   with tf.io.gfile.GFile(
-      os.path.join(export_dir, "assets.extra", METADATA_FILE), "w") as f:
+    os.path.join(export_dir, "assets.extra", METADATA_FILE), "w"
+  ) as f:
     json.dump(info, f, indent=2)
   return export_dir
 
@@ -332,41 +504,98 @@ def next_version(export_base: str) -> int:
   """1 + the largest numeric version folder under export_base (1 if none)."""
   if not tf.io.gfile.isdir(export_base):
     return 1
-  versions = [int(name.rstrip("/")) for name in tf.io.gfile.listdir(export_base)
-              if name.rstrip("/").isdigit()]
+  versions = [
+    int(name.rstrip("/"))
+    for name in tf.io.gfile.listdir(export_base)
+    if name.rstrip("/").isdigit()
+  ]
   return max(versions, default=0) + 1
 
 
-def export_version(model: COMLN,
-                   export_base: str,
-                   example_shape: Sequence[int],
-                   version: Optional[int] = None,
-                   **kwargs) -> str:
+def _check_export_base(export_base: str) -> None:
+  """Raises NotADirectoryError if export_base exists but is no directory."""
+  if tf.io.gfile.exists(export_base) and not tf.io.gfile.isdir(export_base):
+    raise NotADirectoryError(
+      f"export_base {export_base!r} is a file, not a directory: pass the "
+      f"folder that holds (or will hold) the numbered versions."
+    )
+
+
+def _claim(temp_dir: str, final_dir: str) -> bool:
+  """Renames the finished temp_dir to final_dir unless that exists.
+
+  The rename is the claim: it succeeds for one export only (a rename onto a
+  non-empty directory fails), so two exports never share a version.
+
+  Returns:
+    Whether temp_dir is now final_dir.
+  """
+  try:
+    tf.io.gfile.rename(temp_dir, final_dir, overwrite=False)
+  except (tf.errors.OpError, OSError):
+    if tf.io.gfile.exists(final_dir):
+      return False  # Another export took this number.
+    raise
+  return True
+
+
+def export_version(
+  model: COMLN,
+  export_base: str,
+  example_shape: Sequence[int],
+  version: Optional[int] = None,
+  **kwargs,
+) -> str:
   """Exports to `<export_base>/<version>/`, as TF Serving expects.
 
-  The SavedModel is written to a temporary folder whose name is not a
-  number (TF Serving ignores it) and renamed at the end, so a server
-  watching `export_base` never loads a half-written version.
+  The SavedModel is written to a temporary folder of its own (a name that
+  is not a number, which TF Serving ignores) and renamed to its version
+  folder when complete, so a server watching `export_base` never loads a
+  half-written version, and exports running at the same time into one base
+  never mix: each claims its number by that rename, and without `version`
+  one that loses the race takes the next free number. The temporary folder
+  is removed whatever happens.
 
   Args:
     model, example_shape, **kwargs: as `export`.
     export_base: the model's base folder (the one TF Serving watches).
-    version: positive integer; default `next_version(export_base)`.
+    version: positive integer; default `next_version(export_base)` at the
+      time the export is complete.
 
   Returns:
     The path of the version folder.
+
+  Raises:
+    ValueError: a version that is not a positive integer.
+    FileExistsError: `version` is given and its folder exists.
+    NotADirectoryError: export_base is a file.
   """
-  if version is None:
-    version = next_version(export_base)
-  if isinstance(version, bool) or int(version) != version or version < 1:
+  if version is not None and (
+    isinstance(version, bool) or int(version) != version or version < 1
+  ):
     raise ValueError(f"version must be a positive integer, got {version!r}.")
-  final_dir = os.path.join(export_base, str(int(version)))
-  if tf.io.gfile.exists(final_dir):
-    raise FileExistsError(f"Version folder {final_dir} already exists.")
-  temp_dir = os.path.join(export_base, f".tmp-{int(version)}")
-  if tf.io.gfile.exists(temp_dir):
-    tf.io.gfile.rmtree(temp_dir)
+  _check_export_base(export_base)
+  if version is not None:
+    final_dir = os.path.join(export_base, str(int(version)))
+    if tf.io.gfile.exists(final_dir):
+      raise FileExistsError(f"Version folder {final_dir} already exists.")
   tf.io.gfile.makedirs(export_base)
-  export(model, temp_dir, example_shape, **kwargs)
-  tf.io.gfile.rename(temp_dir, final_dir)
-  return final_dir
+  temp_dir = os.path.join(
+    export_base, f".tmp-export-{os.getpid()}-{uuid.uuid4().hex}"
+  )
+  try:
+    export(model, temp_dir, example_shape, **kwargs)
+    if version is not None:
+      if not _claim(temp_dir, final_dir):
+        raise FileExistsError(
+          f"Version folder {final_dir} already exists "
+          f"(written by another export meanwhile)."
+        )
+      return final_dir
+    while True:
+      final_dir = os.path.join(export_base, str(next_version(export_base)))
+      if _claim(temp_dir, final_dir):
+        return final_dir
+  finally:
+    if tf.io.gfile.exists(temp_dir):
+      tf.io.gfile.rmtree(temp_dir)

@@ -23,7 +23,8 @@ class SessionModel:
     self.session = tf.compat.v1.Session(graph=tf.Graph())
     with self.session.graph.as_default():
       meta_graph = tf.compat.v1.saved_model.loader.load(
-          self.session, [tf.saved_model.SERVING], export_dir)
+        self.session, [tf.saved_model.SERVING], export_dir
+      )
     self.signatures = dict(meta_graph.signature_def)
 
   def callable(self, signature: str, input_names):
@@ -39,8 +40,9 @@ class SessionModel:
     signature_def = self.signatures[signature]
     output_names = sorted(signature_def.outputs)
     run = self.session.make_callable(
-        [signature_def.outputs[key].name for key in output_names],
-        [signature_def.inputs[key].name for key in input_names])
+      [signature_def.outputs[key].name for key in output_names],
+      [signature_def.inputs[key].name for key in input_names],
+    )
     return lambda *arrays: dict(zip(output_names, run(*arrays)))
 
   def run(self, request):
@@ -51,7 +53,10 @@ class SessionModel:
     """
     names = sorted(request.inputs)
     # An empty signature name means serving_default, as in TF Serving.
-    signature = (request.model_spec.signature_name or
-                 tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY)
+    signature = (
+      request.model_spec.signature_name
+      or tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY
+    )
     return self.callable(signature, names)(
-        *[tf.make_ndarray(request.inputs[key]) for key in names])
+      *[tf.make_ndarray(request.inputs[key]) for key in names]
+    )

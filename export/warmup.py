@@ -35,30 +35,33 @@ def task(example_shape: Sequence[int], ways: int, shots: int, seed: int = 0):
   rng = np.random.default_rng(seed)
   example_shape = tuple(example_shape)
   return {
-      "support_images": rng.random((ways * shots,) + example_shape,
-                                   np.float32),
-      "support_labels": np.tile(np.arange(ways, dtype=np.int64), shots),
-      "query_images": rng.random((QUERIES_PER_CLASS * ways,) + example_shape,
-                                 np.float32),
+    "support_images": rng.random((ways * shots,) + example_shape, np.float32),
+    "support_labels": np.tile(np.arange(ways, dtype=np.int64), shots),
+    "query_images": rng.random(
+      (QUERIES_PER_CLASS * ways,) + example_shape, np.float32
+    ),
   }
 
 
-def predict_request(signature: str, inputs: dict,
-                    model_name: str = "comln") -> predict_pb2.PredictRequest:
+def predict_request(
+  signature: str, inputs: dict, model_name: str = "comln"
+) -> predict_pb2.PredictRequest:
   """A PredictRequest for `signature` with numpy `inputs` (name -> array)."""
   request = predict_pb2.PredictRequest(
-      model_spec=model_pb2.ModelSpec(name=model_name,
-                                     signature_name=signature))
+    model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature)
+  )
   for key, value in inputs.items():
     request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
   return request
 
 
-def requests(adapt: Callable[[np.ndarray, np.ndarray], np.ndarray],
-             example_shape: Sequence[int],
-             ways: int,
-             tied: bool,
-             model_name: str = "comln") -> List[predict_pb2.PredictRequest]:
+def requests(
+  adapt: Callable[[np.ndarray, np.ndarray], np.ndarray],
+  example_shape: Sequence[int],
+  ways: int,
+  tied: bool,
+  model_name: str = "comln",
+) -> List[predict_pb2.PredictRequest]:
   """One request per signature for each representative task.
 
   Tasks: `ways`-way 1-shot and 5-shot, plus 3-way 1-shot for a tied-rows
@@ -80,16 +83,17 @@ def requests(adapt: Callable[[np.ndarray, np.ndarray], np.ndarray],
   result = []
   for seed, (n, shots) in enumerate(cases):
     inputs = task(example_shape, n, shots, seed)
-    support = {key: inputs[key] for key in ("support_images",
-                                            "support_labels")}
+    support = {key: inputs[key] for key in ("support_images", "support_labels")}
     weights = adapt(inputs["support_images"], inputs["support_labels"])
     result += [
-        predict_request("serving_default", inputs, model_name),
-        predict_request("adapt", support, model_name),
-        predict_request("predict", {"query_images": inputs["query_images"],
-                                    "weights": weights}, model_name),
-        predict_request("embed", {"images": inputs["query_images"]},
-                        model_name),
+      predict_request("serving_default", inputs, model_name),
+      predict_request("adapt", support, model_name),
+      predict_request(
+        "predict",
+        {"query_images": inputs["query_images"], "weights": weights},
+        model_name,
+      ),
+      predict_request("embed", {"images": inputs["query_images"]}, model_name),
     ]
   return result
 
@@ -103,13 +107,18 @@ def write(export_dir: str, warmup_requests) -> None:
   tf.io.gfile.makedirs(os.path.dirname(path(export_dir)))
   with tf.io.TFRecordWriter(path(export_dir)) as writer:
     for request in warmup_requests:
-      writer.write(prediction_log_pb2.PredictionLog(
-          predict_log=prediction_log_pb2.PredictLog(
-              request=request)).SerializeToString())
+      writer.write(
+        prediction_log_pb2.PredictionLog(
+          predict_log=prediction_log_pb2.PredictLog(request=request)
+        ).SerializeToString()
+      )
 
 
 def read(export_dir: str) -> List[predict_pb2.PredictRequest]:
   """The PredictRequests of an export's warmup file, in order."""
-  return [prediction_log_pb2.PredictionLog.FromString(record.numpy())
-          .predict_log.request
-          for record in tf.data.TFRecordDataset(path(export_dir))]
+  return [
+    prediction_log_pb2.PredictionLog.FromString(
+      record.numpy()
+    ).predict_log.request
+    for record in tf.data.TFRecordDataset(path(export_dir))
+  ]

@@ -34,6 +34,7 @@ def require_positive_list(flag, kind=float):
     flag: the FlagHolder of a `flags.DEFINE_list`.
     kind: float or int.
   """
+
   def check(values):
     try:
       return bool(values) and all(kind(value) > 0 for value in values)
@@ -41,12 +42,16 @@ def require_positive_list(flag, kind=float):
       return False
 
   flags.register_validator(
-      flag, check,
-      message=f"expected a comma-separated list of {kind.__name__}s > 0")
+    flag,
+    check,
+    message=f"expected a comma-separated list of {kind.__name__}s > 0",
+  )
 
 
 def require_choices(flag, choices):
   """Makes absl reject a list flag with an entry not in `choices`."""
   flags.register_validator(
-      flag, lambda values: bool(values) and set(values) <= set(choices),
-      message=f"expected a comma-separated list of: {', '.join(choices)}")
+    flag,
+    lambda values: bool(values) and set(values) <= set(choices),
+    message=f"expected a comma-separated list of: {', '.join(choices)}",
+  )

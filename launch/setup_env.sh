@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv (Python 3.11) with the pinned requirements, once.
-# Sourced by main_job.sh and run_tests.sh; safe to run again.
+# Run by main_job.sh, run_tests.sh and .ci/run; safe to run again.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-python3.11}"

@@ -19,9 +19,17 @@ from tensorflow.core.util import event_pb2
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# Tiny Omniglot runs: Conv-4, 5-way 1-shot, 4 episodes of 5 queries a class.
-TINY_ARGS = ("--ways=5", "--shots=1", "--queries=5", "--meta_batch_size=4",
-             "--validation_episodes=10", "--noprogress")
+# Tiny Omniglot runs: the default config (Conv-4, 5-way 1-shot) with 4
+# episodes of 5 queries a class.
+TINY_ARGS = (
+  "--config=configs/base.py",
+  "--config.data.ways=5",
+  "--config.data.shots=1",
+  "--config.data.queries=5",
+  "--config.data.meta_batch_size=4",
+  "--config.schedule.validation_episodes=10",
+  "--noprogress",
+)
 
 
 def environment(**extra):
@@ -44,9 +52,15 @@ def run(module, args, timeout, env=None):
   Raises:
     subprocess.TimeoutExpired: after killing the process.
   """
-  return subprocess.run(command(module, args), cwd=REPO, env=env or
-                        environment(), capture_output=True, text=True,
-                        timeout=timeout, check=False)
+  return subprocess.run(
+    command(module, args),
+    cwd=REPO,
+    env=env or environment(),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
 
 
 class Processes:
@@ -59,9 +73,13 @@ class Processes:
   def start(self, name, module, args, env=None):
     """Starts `python -m module args`; output goes to log_dir/<name>.log."""
     log = open(self._log_dir / f"{name}.log", "w")
-    process = subprocess.Popen(command(module, args), cwd=REPO,
-                               env=env or environment(), stdout=log,
-                               stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+      command(module, args),
+      cwd=REPO,
+      env=env or environment(),
+      stdout=log,
+      stderr=subprocess.STDOUT,
+    )
     process.log_path = log.name
     self._started.append((process, log))
     return process
@@ -82,8 +100,9 @@ class Processes:
     except subprocess.TimeoutExpired:
       process.kill()
       process.wait()
-      raise AssertionError(f"timed out after {timeout} s:\n"
-                           f"{self.log(process)[-3000:]}") from None
+      raise AssertionError(
+        f"timed out after {timeout} s:\n{self.log(process)[-3000:]}"
+      ) from None
 
   def kill_all(self):
     for process, log in self._started:
@@ -98,8 +117,9 @@ def latest_step(model_dir):
   state = pathlib.Path(model_dir) / "checkpoint"
   if not state.exists():
     return -1
-  match = re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', state.read_text(),
-                    re.MULTILINE)
+  match = re.search(
+    r'^model_checkpoint_path: "ckpt-(\d+)"', state.read_text(), re.MULTILINE
+  )
   return int(match.group(1)) if match else -1
 
 
@@ -114,8 +134,9 @@ def wait_until(condition, timeout, processes=(), interval=0.05):
   while not condition():
     for process in processes:
       if process.poll() is not None:
-        raise AssertionError(f"process exited with {process.returncode} "
-                             f"before the condition held")
+        raise AssertionError(
+          f"process exited with {process.returncode} before the condition held"
+        )
     if time.monotonic() > deadline:
       raise AssertionError(f"condition not met within {timeout} s")
     time.sleep(interval)
@@ -144,16 +165,19 @@ def scalars(event_dir):
       for value in event.summary.value:
         assert value.metadata.plugin_data.plugin_name == "scalars"
         values.setdefault(value.tag, []).append(
-            (event.step, float(tf.make_ndarray(value.tensor))))
+          (event.step, float(tf.make_ndarray(value.tensor)))
+        )
   return values
 
 
 def checkpoint_values(path):
   """{name: numpy value} of every variable of a checkpoint."""
   reader = tf.train.load_checkpoint(str(path))
-  return {name: reader.get_tensor(name)
-          for name in reader.get_variable_to_shape_map()
-          if name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+  return {
+    name: reader.get_tensor(name)
+    for name in reader.get_variable_to_shape_map()
+    if name != "_CHECKPOINTABLE_OBJECT_GRAPH"
+  }
 
 
 def model_values(path):
@@ -162,17 +186,23 @@ def model_values(path):
   Leaves out the optimizer, which holds its own references to the model's
   variables, and the checkpoint's save counter.
   """
-  return {name: value for name, value in checkpoint_values(path).items()
-          if name.startswith(("model/", "model_variables/", "step/"))}
+  return {
+    name: value
+    for name, value in checkpoint_values(path).items()
+    if name.startswith(("model/", "model_variables/", "step/"))
+  }
 
 
 def relative_difference(actual, expected):
   """||actual - expected|| / ||expected||, over all the values of two dicts."""
   assert sorted(actual) == sorted(expected)
-  difference = sum(np.sum((np.asarray(actual[name], np.float64) -
-                           expected[name])**2) for name in expected)
-  norm = sum(np.sum(np.asarray(expected[name], np.float64)**2)
-             for name in expected)
+  difference = sum(
+    np.sum((np.asarray(actual[name], np.float64) - expected[name]) ** 2)
+    for name in expected
+  )
+  norm = sum(
+    np.sum(np.asarray(expected[name], np.float64) ** 2) for name in expected
+  )
   return float(np.sqrt(difference / norm))
 
 
@@ -180,5 +210,6 @@ def assert_same_values(actual, expected, rtol=0.0, atol=0.0):
   """Both dicts have the same keys and (close) values."""
   assert sorted(actual) == sorted(expected)
   for name in expected:
-    np.testing.assert_allclose(actual[name], expected[name], rtol=rtol,
-                               atol=atol, err_msg=name)
+    np.testing.assert_allclose(
+      actual[name], expected[name], rtol=rtol, atol=atol, err_msg=name
+    )

@@ -14,96 +14,26 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from scipy import integrate
 
 import cli_helpers
 import comln_tf
 from comln_tf import _reduced
 from comln_tf import _solvers
+from references import TIGHT
+from references import TIGHTEST
+from references import assert_gradients_match_finite_differences
+from references import engine_loss_and_gradients
+from references import make_problem
+from references import reference_loss
+from references import softmax as _softmax
+from references import w_space_solution
 
-TIGHT = dict(rtol=1e-10, atol=1e-10)
-TIGHTEST = dict(rtol=1e-12, atol=1e-12)
 GRADIENT_METHODS = {
-    "forward": "forward",
-    "forward_accumulator": comln_tf.Forward(tangent_field="accumulator"),
-    "backprop": "backprop",
-    "adjoint": "adjoint",
+  "forward": "forward",
+  "forward_accumulator": comln_tf.Forward(tangent_field="accumulator"),
+  "backprop": "backprop",
+  "adjoint": "adjoint",
 }
-
-
-def _softmax(logits):
-  shifted = np.exp(logits - logits.max(-1, keepdims=True))
-  return shifted / shifted.sum(-1, keepdims=True)
-
-
-def w_space_solution(init_weights, embeddings, labels, t_final):
-  """W(T) of dW/dt = -(1/M) (softmax(X W^T) - Y)^T X, one task, by SciPy."""
-  num_classes, size = init_weights.shape
-  if labels.ndim == 1:
-    labels = np.eye(num_classes)[labels]
-
-  def field(_, flat):
-    weights = flat.reshape(num_classes, size)
-    residual = _softmax(embeddings @ weights.T) - labels
-    return (-(residual.T @ embeddings) / len(embeddings)).ravel()
-
-  solution = integrate.solve_ivp(field, (0.0, float(t_final)),
-                                 init_weights.ravel(), method="DOP853",
-                                 rtol=1e-13, atol=1e-13)
-  assert solution.success
-  return solution.y[:, -1].reshape(num_classes, size)
-
-
-def _query_loss_np(weights, queries, query_labels):
-  log_probs = np.log(_softmax(queries @ weights.T))
-  return -np.mean(np.take_along_axis(log_probs, query_labels[:, None], 1))
-
-
-def reference_loss(problem, init_weights, support, queries, t_final):
-  """Mean over tasks of the query cross-entropy after the W-space flow."""
-  losses = [
-      _query_loss_np(
-          w_space_solution(init_weights, support[b], problem["labels"][b],
-                           t_final), queries[b], problem["query_labels"][b])
-      for b in range(len(support))
-  ]
-  return np.mean(losses)
-
-
-def make_problem(num_tasks=2, ways=3, shots=2, size=5, queries=4, seed=0,
-                 scale=1.0):
-  rng = np.random.default_rng(seed)
-  return dict(
-      init_weights=rng.normal(size=(ways, size)) / np.sqrt(ways),
-      support=scale * rng.normal(size=(num_tasks, ways * shots, size)),
-      labels=np.tile(np.repeat(np.arange(ways), shots), (num_tasks, 1)),
-      queries=scale * rng.normal(size=(num_tasks, queries, size)),
-      query_labels=rng.integers(0, ways, size=(num_tasks, queries)),
-      t_final=1.3,
-  )
-
-
-def engine_loss_and_gradients(problem, method, solver="dopri5", **options):
-  """Query loss and its gradients w.r.t. (W0, X, Xq, T) from the engine."""
-
-  @tf.function
-  def run(init_weights, support, queries, t_final):
-    with tf.GradientTape() as tape:
-      tape.watch([init_weights, support, queries, t_final])
-      weights = comln_tf.adapt(init_weights, support, problem["labels"],
-                               t_final, method=method, solver=solver,
-                               **options)
-      logits = tf.matmul(queries, weights, transpose_b=True)
-      loss = tf.reduce_mean(
-          tf.nn.sparse_softmax_cross_entropy_with_logits(
-              problem["query_labels"], logits))
-    return loss, tape.gradient(loss, [init_weights, support, queries, t_final])
-
-  loss, grads = run(tf.constant(problem["init_weights"]),
-                    tf.constant(problem["support"]),
-                    tf.constant(problem["queries"]),
-                    tf.constant(problem["t_final"], tf.float64))
-  return float(loss), [g.numpy() for g in grads]
 
 
 @pytest.fixture(scope="module")
@@ -111,31 +41,11 @@ def problem():
   return make_problem()
 
 
-def assert_gradients_match_finite_differences(problem, method, **options):
-  """Engine gradients vs central differences of the W-space reference."""
-  loss, grads = engine_loss_and_gradients(problem, method, **TIGHT, **options)
-  names = ["init_weights", "support", "queries", "t_final"]
-  point = [problem[n] for n in names]
-  assert loss == pytest.approx(reference_loss(problem, *point), rel=1e-8)
-  rng = np.random.default_rng(1)
-  eps = 1e-5
-  for index, name in enumerate(names):
-    for _ in range(2):
-      direction = rng.normal(size=np.shape(point[index]))
-      plus, minus = list(point), list(point)
-      plus[index] = point[index] + eps * direction
-      minus[index] = point[index] - eps * direction
-      finite_difference = (reference_loss(problem, *plus) -
-                           reference_loss(problem, *minus)) / (2 * eps)
-      analytic = np.sum(grads[index] * direction)
-      assert abs(analytic - finite_difference) <= 1e-6 * abs(
-          finite_difference), (name, analytic, finite_difference)
-
-
 @pytest.mark.parametrize("method_name", sorted(GRADIENT_METHODS))
 def test_gradients_match_finite_differences(problem, method_name):
-  assert_gradients_match_finite_differences(problem,
-                                            GRADIENT_METHODS[method_name])
+  assert_gradients_match_finite_differences(
+    problem, GRADIENT_METHODS[method_name]
+  )
 
 
 def test_backprop_step_control_keeps_the_gradient_accurate_at_large_t():
@@ -149,27 +59,38 @@ def test_backprop_step_control_keeps_the_gradient_accurate_at_large_t():
   """
   rng = np.random.default_rng(0)
   ways, size, queries = 5, 8, 3
-  centres = np.maximum(rng.normal(size=(1, size)) +
-                       rng.normal(size=(ways, size)), 0)
+  centres = np.maximum(
+    rng.normal(size=(1, size)) + rng.normal(size=(ways, size)), 0
+  )
   support = 3 * np.maximum(centres + 0.3 * rng.normal(size=(ways, size)), 0)
-  query = 3 * np.maximum(np.repeat(centres, queries, 0) +
-                         0.3 * rng.normal(size=(ways * queries, size)), 0)
-  problem = dict(init_weights=np.zeros((ways, size)), support=support[None],
-                 labels=np.arange(ways)[None], queries=query[None],
-                 query_labels=np.repeat(np.arange(ways), queries)[None],
-                 t_final=1000.0)
+  query = 3 * np.maximum(
+    np.repeat(centres, queries, 0)
+    + 0.3 * rng.normal(size=(ways * queries, size)),
+    0,
+  )
+  problem = dict(
+    init_weights=np.zeros((ways, size)),
+    support=support[None],
+    labels=np.arange(ways)[None],
+    queries=query[None],
+    query_labels=np.repeat(np.arange(ways), queries)[None],
+    t_final=1000.0,
+  )
   direction = rng.normal(size=problem["support"].shape)
   eps = 1e-5
-  point = [problem[n] for n in ("init_weights", "support", "queries",
-                                "t_final")]
+  point = [
+    problem[n] for n in ("init_weights", "support", "queries", "t_final")
+  ]
   plus, minus = list(point), list(point)
   plus[1], minus[1] = point[1] + eps * direction, point[1] - eps * direction
-  finite_difference = (reference_loss(problem, *plus) -
-                       reference_loss(problem, *minus)) / (2 * eps)
+  finite_difference = (
+    reference_loss(problem, *plus) - reference_loss(problem, *minus)
+  ) / (2 * eps)
 
   def relative_error(method):
-    _, grads = engine_loss_and_gradients(problem, method, rtol=1e-5,
-                                         atol=1e-5, max_steps=100_000)
+    _, grads = engine_loss_and_gradients(
+      problem, method, rtol=1e-5, atol=1e-5, max_steps=100_000
+    )
     return abs(np.sum(grads[1] * direction) / finite_difference - 1)
 
   # Measured: 3.2% (backprop), 2.0% (forward): errors of the tolerance
@@ -184,33 +105,39 @@ def test_gradient_accuracy_tool_measures_the_error():
   """`launch.gradient_accuracy` on a stiff task: the plain failure shows."""
   from launch import gradient_accuracy  # pylint: disable=g-import-not-at-top
   from launch import workloads  # pylint: disable=g-import-not-at-top
-  workload = workloads.make_workload(1, 5, 1, 3, 8, shared_mean=1.0,
-                                     noise=0.3, tied_init=True)
+
+  workload = workloads.make_workload(
+    1, 5, 1, 3, 8, shared_mean=1.0, noise=0.3, tied_init=True
+  )
   for key in ("support", "queries"):
     workload[key] = workload[key] * 10
-  references = gradient_accuracy.reference_gradients(workload, 1000.0,
-                                                     100_000)
+  references = gradient_accuracy.reference_gradients(workload, 1000.0, 100_000)
   errors = {
-      method: gradient_accuracy.gradient_errors(workload, 1000.0, method,
-                                                1e-5, 100_000, references)[0]
-      for method in ("forward", "backprop", "backprop_plain")
+    method: gradient_accuracy.gradient_errors(
+      workload, 1000.0, method, 1e-5, 100_000, references
+    )[0]
+    for method in ("forward", "backprop", "backprop_plain")
   }
   assert errors["forward"][0] < 0.05 and errors["backprop"][0] < 0.05, errors
   assert errors["backprop_plain"][0] > 1.0, errors
   assert all(num_evals > 0 for _, num_evals in errors.values())
 
 
-@pytest.mark.parametrize("module, args, message", [
+@pytest.mark.parametrize(
+  "module, args, message",
+  [
     ("launch.benchmark", ["--t_finals=1,ten"], "--t_finals="),
     ("launch.benchmark", ["--shots=1.5"], "--shots="),
     ("launch.benchmark", ["--methods=forwrd"], "--methods="),
     ("launch.gradient_accuracy", ["--tolerances=0"], "--tolerances="),
-])
+  ],
+)
 def test_benchmark_clis_name_a_bad_list_flag(module, args, message):
   result = cli_helpers.run(module, args, timeout=120)
   assert result.returncode != 0
   assert message in result.stderr and "expected a comma-separated list" in (
-      result.stderr)
+    result.stderr
+  )
   assert "Traceback" not in result.stderr
 
 
@@ -218,27 +145,42 @@ def test_benchmark_clis_name_a_bad_list_flag(module, args, message):
 def test_tasks_solved_in_groups_match_finite_differences(method_name):
   # 3 tasks in groups of 2: the last group is padded.
   problem = make_problem(num_tasks=3, seed=5)
-  assert_gradients_match_finite_differences(problem, method_name,
-                                            tasks_per_solve=2)
+  assert_gradients_match_finite_differences(
+    problem, method_name, tasks_per_solve=2
+  )
 
 
 @pytest.mark.parametrize("method_name", ["forward", "backprop", "adjoint"])
 def test_reduced_state_equals_w_space_integration(problem, method_name):
-  weights = comln_tf.adapt(problem["init_weights"], problem["support"],
-                           problem["labels"], problem["t_final"],
-                           method=method_name, **TIGHTEST).numpy()
+  weights = comln_tf.adapt(
+    problem["init_weights"],
+    problem["support"],
+    problem["labels"],
+    problem["t_final"],
+    method=method_name,
+    **TIGHTEST,
+  ).numpy()
   for b in range(len(problem["support"])):
-    expected = w_space_solution(problem["init_weights"], problem["support"][b],
-                                problem["labels"][b], problem["t_final"])
+    expected = w_space_solution(
+      problem["init_weights"],
+      problem["support"][b],
+      problem["labels"][b],
+      problem["t_final"],
+    )
     np.testing.assert_allclose(weights[b], expected, rtol=0, atol=1e-10)
 
 
 def test_euler_is_gradient_descent(problem):
   """Euler with step h for T/h steps is ANIL with learning rate h."""
   step, num_steps = 0.05, 40
-  weights = comln_tf.adapt(problem["init_weights"], problem["support"][0],
-                           problem["labels"][0], step * num_steps,
-                           solver="euler", num_steps=num_steps).numpy()
+  weights = comln_tf.adapt(
+    problem["init_weights"],
+    problem["support"][0],
+    problem["labels"][0],
+    step * num_steps,
+    solver="euler",
+    num_steps=num_steps,
+  ).numpy()
   expected = problem["init_weights"].copy()
   support, labels = problem["support"][0], np.eye(3)[problem["labels"][0]]
   for _ in range(num_steps):
@@ -248,24 +190,39 @@ def test_euler_is_gradient_descent(problem):
 
 
 def test_rk4_converges_to_the_flow(problem):
-  weights = comln_tf.adapt(problem["init_weights"], problem["support"][0],
-                           problem["labels"][0], problem["t_final"],
-                           solver="rk4", num_steps=200).numpy()
-  expected = w_space_solution(problem["init_weights"], problem["support"][0],
-                              problem["labels"][0], problem["t_final"])
+  weights = comln_tf.adapt(
+    problem["init_weights"],
+    problem["support"][0],
+    problem["labels"][0],
+    problem["t_final"],
+    solver="rk4",
+    num_steps=200,
+  ).numpy()
+  expected = w_space_solution(
+    problem["init_weights"],
+    problem["support"][0],
+    problem["labels"][0],
+    problem["t_final"],
+  )
   np.testing.assert_allclose(weights, expected, rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("tolerance, most_steps", [(1e-5, 5), (1e-8, 12)])
 def test_dopri5_from_a_zero_state_is_accurate_without_a_slow_start(
-    tolerance, most_steps):
+  tolerance, most_steps
+):
   # dy/dt = 1 - y from y = 0: y(1) = 1 - 1/e. Hairer's rule would start
   # at 1e-4 and need 7 and 13 steps; the first step from h1 is accepted.
   solver = _solvers.Dopri5(rtol=tolerance, atol=tolerance)
-  y, stats = solver.integrate(lambda y: 1.0 - y, tf.zeros([2, 3], tf.float64),
-                              tf.constant(1.0, tf.float64), 1000)
-  np.testing.assert_allclose(y.numpy(), 1.0 - np.exp(-1.0), rtol=0,
-                             atol=tolerance)
+  y, stats = solver.integrate(
+    lambda y: 1.0 - y,
+    tf.zeros([2, 3], tf.float64),
+    tf.constant(1.0, tf.float64),
+    1000,
+  )
+  np.testing.assert_allclose(
+    y.numpy(), 1.0 - np.exp(-1.0), rtol=0, atol=tolerance
+  )
   assert int(stats.num_steps) <= most_steps
   # No probe evaluation from a zero state: f(y0), then 6 per step.
   assert int(stats.num_evals) == 1 + 6 * int(stats.num_steps)
@@ -282,14 +239,20 @@ def test_batch_equals_each_task_alone(method_name):
   options, rtol = (TIGHT, 1e-7) if method_name == "adjoint" else ({}, 1e-9)
   _, batched = engine_loss_and_gradients(problem, method_name, **options)
   for b in range(3):
-    alone = {k: (v[b:b + 1] if k in ("support", "labels", "queries",
-                                      "query_labels") else v)
-             for k, v in problem.items()}
+    alone = {
+      k: (
+        v[b : b + 1]
+        if k in ("support", "labels", "queries", "query_labels")
+        else v
+      )
+      for k, v in problem.items()
+    }
     _, single = engine_loss_and_gradients(alone, method_name, **options)
     # The loss is a mean over tasks: task b alone has 3x its batch share.
     for index in (1, 2):
-      np.testing.assert_allclose(batched[index][b] * 3, single[index][0],
-                                 rtol=rtol, atol=1e-12)
+      np.testing.assert_allclose(
+        batched[index][b] * 3, single[index][0], rtol=rtol, atol=1e-12
+      )
 
 
 def test_tangent_fields_agree():
@@ -297,36 +260,46 @@ def test_tangent_fields_agree():
   batch, examples, classes = 2, 5, 3
   directions = _reduced.num_directions(examples, classes)
   support = rng.normal(size=(batch, examples, 4))
-  args = (tf.constant(rng.normal(size=(batch, examples, classes))),
-          tf.constant(rng.normal(size=(batch, examples, directions, classes - 1))),
-          tf.constant(rng.normal(size=(batch, examples, classes))),
-          tf.constant(support @ np.swapaxes(support, 1, 2)),
-          tf.constant(_softmax(rng.normal(size=(batch, examples, classes)))))
+  args = (
+    tf.constant(rng.normal(size=(batch, examples, classes))),
+    tf.constant(rng.normal(size=(batch, examples, directions, classes - 1))),
+    tf.constant(rng.normal(size=(batch, examples, classes))),
+    tf.constant(support @ np.swapaxes(support, 1, 2)),
+    tf.constant(_softmax(rng.normal(size=(batch, examples, classes)))),
+  )
   closed_form = tf.function(_reduced.TANGENT_FIELDS["closed_form"])(*args)
   accumulator = tf.function(_reduced.TANGENT_FIELDS["accumulator"])(*args)
-  np.testing.assert_allclose(closed_form.numpy(), accumulator.numpy(),
-                             rtol=0, atol=1e-10)
+  np.testing.assert_allclose(
+    closed_form.numpy(), accumulator.numpy(), rtol=0, atol=1e-10
+  )
   # And through a whole solve and gradient assembly.
   problem = make_problem(seed=5)
   _, fast = engine_loss_and_gradients(problem, "forward")
   _, generic = engine_loss_and_gradients(
-      problem, comln_tf.Forward(tangent_field="accumulator"))
+    problem, comln_tf.Forward(tangent_field="accumulator")
+  )
   for a, b in zip(fast, generic):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
 
 
 def test_tiny_time_returns_initial_weights(problem):
-  weights = comln_tf.adapt(problem["init_weights"], problem["support"],
-                           problem["labels"], 1e-9)
-  np.testing.assert_allclose(weights.numpy(),
-                             np.broadcast_to(problem["init_weights"],
-                                             weights.shape), atol=1e-8)
+  weights = comln_tf.adapt(
+    problem["init_weights"], problem["support"], problem["labels"], 1e-9
+  )
+  np.testing.assert_allclose(
+    weights.numpy(),
+    np.broadcast_to(problem["init_weights"], weights.shape),
+    atol=1e-8,
+  )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_long_time_stays_finite(problem, dtype):
   cast = lambda x: tf.constant(np.asarray(x, dtype))
-  init_weights, support = cast(problem["init_weights"]), cast(problem["support"])
+  init_weights, support = (
+    cast(problem["init_weights"]),
+    cast(problem["support"]),
+  )
   t_final = cast(1000.0)
   with tf.GradientTape() as tape:
     tape.watch([init_weights, support, t_final])
@@ -340,16 +313,23 @@ def test_long_time_stays_finite(problem, dtype):
 def test_soft_labels(problem):
   rng = np.random.default_rng(6)
   soft = _softmax(rng.normal(size=(6, 3)))
-  weights = comln_tf.adapt(problem["init_weights"], problem["support"][0],
-                           soft, problem["t_final"], **TIGHTEST).numpy()
-  expected = w_space_solution(problem["init_weights"], problem["support"][0],
-                              soft, problem["t_final"])
+  weights = comln_tf.adapt(
+    problem["init_weights"],
+    problem["support"][0],
+    soft,
+    problem["t_final"],
+    **TIGHTEST,
+  ).numpy()
+  expected = w_space_solution(
+    problem["init_weights"], problem["support"][0], soft, problem["t_final"]
+  )
   np.testing.assert_allclose(weights, expected, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("method, tasks_per_solve",
-                         [("forward", None), ("forward", 2),
-                          ("backprop", None)])
+@pytest.mark.parametrize(
+  "method, tasks_per_solve",
+  [("forward", None), ("forward", 2), ("backprop", None)],
+)
 def test_eager_function_and_xla_agree(method, tasks_per_solve):
   # Backprop under XLA: its probe tangent's ForwardAccumulator inside the
   # solver's conditionals (tf2xla once refused its gradient).
@@ -360,45 +340,67 @@ def test_eager_function_and_xla_agree(method, tasks_per_solve):
   def gradient(init_weights, support, t_final):
     with tf.GradientTape() as tape:
       tape.watch([init_weights, support, t_final])
-      weights = comln_tf.adapt(init_weights, support, problem["labels"],
-                               t_final, method=method,
-                               tasks_per_solve=tasks_per_solve)
+      weights = comln_tf.adapt(
+        init_weights,
+        support,
+        problem["labels"],
+        t_final,
+        method=method,
+        tasks_per_solve=tasks_per_solve,
+      )
       loss = tf.reduce_sum(tf.sin(weights))
     return [weights] + tape.gradient(loss, [init_weights, support, t_final])
 
   eager = gradient(*args, t_final)
-  for compiled in (tf.function(gradient),
-                   tf.function(gradient, jit_compile=True)):
+  for compiled in (
+    tf.function(gradient),
+    tf.function(gradient, jit_compile=True),
+  ):
     for a, b in zip(eager, compiled(*args, t_final)):
       np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-12)
 
 
 def test_float32_matches_float64(problem):
-  weights64 = comln_tf.adapt(problem["init_weights"], problem["support"],
-                             problem["labels"], 2.0, rtol=1e-8, atol=1e-8)
-  weights32 = comln_tf.adapt(problem["init_weights"].astype(np.float32),
-                             problem["support"].astype(np.float32),
-                             problem["labels"], np.float32(2.0))
+  weights64 = comln_tf.adapt(
+    problem["init_weights"],
+    problem["support"],
+    problem["labels"],
+    2.0,
+    rtol=1e-8,
+    atol=1e-8,
+  )
+  weights32 = comln_tf.adapt(
+    problem["init_weights"].astype(np.float32),
+    problem["support"].astype(np.float32),
+    problem["labels"],
+    np.float32(2.0),
+  )
   assert weights32.dtype == tf.float32
   np.testing.assert_allclose(weights32.numpy(), weights64.numpy(), atol=1e-3)
 
 
 def test_layer_matches_engine_and_serializes():
   problem = make_problem(seed=8)
-  layer = comln_tf.layers.GradientFlowClassifier(3, initial_t=1.3, rtol=1e-10,
-                                                 atol=1e-10, dtype="float64")
-  logits = layer(problem["support"], problem["labels"], problem["queries"],
-                 training=True)
-  weights = w_space_solution(layer.init_weights.numpy(), problem["support"][0],
-                             problem["labels"][0], 1.3)
-  np.testing.assert_allclose(logits[0].numpy(), problem["queries"][0] @ weights.T,
-                             atol=1e-8)
+  layer = comln_tf.layers.GradientFlowClassifier(
+    3, initial_t=1.3, rtol=1e-10, atol=1e-10, dtype="float64"
+  )
+  logits = layer(
+    problem["support"], problem["labels"], problem["queries"], training=True
+  )
+  weights = w_space_solution(
+    layer.init_weights.numpy(), problem["support"][0], problem["labels"][0], 1.3
+  )
+  np.testing.assert_allclose(
+    logits[0].numpy(), problem["queries"][0] @ weights.T, atol=1e-8
+  )
   clone = comln_tf.layers.GradientFlowClassifier.from_config(layer.get_config())
   clone.build(problem["support"].shape)
   clone.set_weights(layer.get_weights())
   np.testing.assert_allclose(
-      clone(problem["support"], problem["labels"], problem["queries"]).numpy(),
-      logits.numpy(), atol=1e-8)
+    clone(problem["support"], problem["labels"], problem["queries"]).numpy(),
+    logits.numpy(),
+    atol=1e-8,
+  )
 
 
 # ---------------------------------------------------------------- bad input.
@@ -406,26 +408,48 @@ def test_layer_matches_engine_and_serializes():
 
 def _bad_input_cases():
   problem = make_problem()
-  good = dict(init_weights=problem["init_weights"], support_embeddings=
-              problem["support"], support_labels=problem["labels"],
-              t_final=1.0)
+  good = dict(
+    init_weights=problem["init_weights"],
+    support_embeddings=problem["support"],
+    support_labels=problem["labels"],
+    t_final=1.0,
+  )
   nan_support = problem["support"].copy()
   nan_support[0, 0, 0] = np.nan
   out_of_range = problem["labels"].copy()
   out_of_range[1, 2] = 3
   return [
-      ("M", dict(good, support_labels=problem["labels"][:, :5]),
-       "number of support examples M"),
-      ("d", dict(good, init_weights=problem["init_weights"][:, :4]),
-       "embedding size d"),
-      ("labels", dict(good, support_labels=out_of_range),
-       "support_labels must lie in [0, N)"),
-      ("negative labels", dict(good, support_labels=-problem["labels"] - 1),
-       "support_labels must lie in [0, N)"),
-      ("finite", dict(good, support_embeddings=nan_support),
-       "support_embeddings and init_weights must be finite"),
-      ("time", dict(good, t_final=0.0), "t_final must be > 0"),
-      ("negative time", dict(good, t_final=-2.0), "t_final must be > 0"),
+    (
+      "M",
+      dict(good, support_labels=problem["labels"][:, :5]),
+      "number of support examples M",
+    ),
+    (
+      "d",
+      dict(good, init_weights=problem["init_weights"][:, :4]),
+      "embedding size d",
+    ),
+    (
+      "labels",
+      dict(good, support_labels=out_of_range),
+      "support_labels must lie in [0, N)",
+    ),
+    (
+      "negative labels",
+      dict(good, support_labels=-problem["labels"] - 1),
+      "support_labels must lie in [0, N)",
+    ),
+    (
+      "finite",
+      dict(good, support_embeddings=nan_support),
+      "support_embeddings and init_weights must be finite",
+    ),
+    ("time", dict(good, t_final=0.0), "t_final must be finite and > 0"),
+    (
+      "negative time",
+      dict(good, t_final=-2.0),
+      "t_final must be finite and > 0",
+    ),
   ]
 
 
@@ -433,32 +457,53 @@ def _bad_input_cases():
 @pytest.mark.parametrize("mode", ["eager", "function"])
 def test_bad_input_names_the_argument(case, mode):
   _, kwargs, message = case
-  run = comln_tf.adapt if mode == "eager" else tf.function(
-      lambda **kw: comln_tf.adapt(**kw))
+  run = (
+    comln_tf.adapt
+    if mode == "eager"
+    else tf.function(lambda **kw: comln_tf.adapt(**kw))
+  )
   if mode == "function":
     kwargs = {k: tf.constant(v) for k, v in kwargs.items()}
-  with pytest.raises((ValueError, tf.errors.InvalidArgumentError),
-                     match=message.replace("[", r"\[").replace(")", r"\)")):
+  with pytest.raises(
+    (ValueError, tf.errors.InvalidArgumentError),
+    match=message.replace("[", r"\[").replace(")", r"\)"),
+  ):
     run(**kwargs)
 
 
 @pytest.mark.parametrize("mode", ["eager", "function"])
 def test_max_steps_exceeded_raises(problem, mode):
   run = comln_tf.adapt if mode == "eager" else tf.function(comln_tf.adapt)
-  with pytest.raises(tf.errors.InvalidArgumentError,
-                     match="did not reach t_final within max_steps=3"):
-    run(problem["init_weights"], problem["support"], problem["labels"], 50.0,
-        max_steps=3)
+  with pytest.raises(
+    tf.errors.InvalidArgumentError,
+    match="did not reach t_final within max_steps=3",
+  ):
+    run(
+      problem["init_weights"],
+      problem["support"],
+      problem["labels"],
+      50.0,
+      max_steps=3,
+    )
 
 
 def test_max_steps_exceeded_under_xla_is_nan_not_silent(problem):
-  run = tf.function(lambda: comln_tf.adapt(
-      problem["init_weights"], problem["support"], problem["labels"], 50.0,
-      max_steps=3), jit_compile=True)
+  run = tf.function(
+    lambda: comln_tf.adapt(
+      problem["init_weights"],
+      problem["support"],
+      problem["labels"],
+      50.0,
+      max_steps=3,
+    ),
+    jit_compile=True,
+  )
   assert np.all(np.isnan(run().numpy()))
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     (dict(method="newton"), "method must be one of"),
     (dict(solver="midpoint"), "solver must be one of"),
     (dict(solver="rk4"), "num_steps must be a positive integer"),
@@ -466,32 +511,50 @@ def test_max_steps_exceeded_under_xla_is_nan_not_silent(problem):
     (dict(rtol=0.0), "rtol must be > 0"),
     (dict(max_steps=0), "max_steps must be a positive integer"),
     (dict(tasks_per_solve=0), "tasks_per_solve must be None or a positive"),
-])
+  ],
+)
 def test_bad_options_name_the_option(problem, kwargs, message):
   with pytest.raises(ValueError, match=message):
-    comln_tf.adapt(problem["init_weights"], problem["support"],
-                   problem["labels"], 1.0, **kwargs)
+    comln_tf.adapt(
+      problem["init_weights"],
+      problem["support"],
+      problem["labels"],
+      1.0,
+      **kwargs,
+    )
 
 
 def test_bad_dtype_and_rank(problem):
   with pytest.raises(TypeError, match="support_embeddings must have the dtype"):
-    comln_tf.adapt(problem["init_weights"],
-                   problem["support"].astype(np.float32), problem["labels"], 1.)
-  with pytest.raises(ValueError, match=r"init_weights must have shape \[N, d\]"):
-    comln_tf.adapt(problem["init_weights"][0], problem["support"],
-                   problem["labels"], 1.)
+    comln_tf.adapt(
+      problem["init_weights"],
+      problem["support"].astype(np.float32),
+      problem["labels"],
+      1.0,
+    )
+  with pytest.raises(
+    ValueError, match=r"init_weights must have shape \[N, d\]"
+  ):
+    comln_tf.adapt(
+      problem["init_weights"][0], problem["support"], problem["labels"], 1.0
+    )
   with pytest.raises(ValueError, match="t_final must be a scalar"):
-    comln_tf.adapt(problem["init_weights"], problem["support"],
-                   problem["labels"], [1., 2.])
+    comln_tf.adapt(
+      problem["init_weights"], problem["support"], problem["labels"], [1.0, 2.0]
+    )
 
 
 def test_layer_refuses_jit_compile_with_backprop():
-  with pytest.raises(ValueError, match='jit_compile=True needs method="forward"'):
-    comln_tf.layers.GradientFlowClassifier(3, method="backprop",
-                                           jit_compile=True)
+  with pytest.raises(
+    ValueError, match='jit_compile=True needs method="forward"'
+  ):
+    comln_tf.layers.GradientFlowClassifier(
+      3, method="backprop", jit_compile=True
+    )
   with pytest.raises(ValueError, match="jit_compile=True and tasks_per_solve"):
-    comln_tf.layers.GradientFlowClassifier(3, tasks_per_solve=2,
-                                           jit_compile=True)
+    comln_tf.layers.GradientFlowClassifier(
+      3, tasks_per_solve=2, jit_compile=True
+    )
 
 
 # Peak memory of eager meta-gradients at time T, in a fresh process (the CPU
@@ -517,9 +580,13 @@ print(tf.config.experimental.get_memory_info("CPU:0")["peak"])
 
 def _eager_peak_bytes(method, t_final):
   result = subprocess.run(
-      [sys.executable, "-c", _EAGER_PEAK_SCRIPT, method, str(t_final)],
-      capture_output=True, text=True, timeout=300, check=True,
-      env=dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true"))
+    [sys.executable, "-c", _EAGER_PEAK_SCRIPT, method, str(t_final)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=True,
+    env=dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true"),
+  )
   return int(result.stdout.split()[-1])
 
 
@@ -541,17 +608,20 @@ def test_layer_jit_compile_gives_the_same_gradients():
   results = []
   for jit_compile in (False, True):
     layer = comln_tf.layers.GradientFlowClassifier(
-        3, dtype="float64", jit_compile=jit_compile)
+      3, dtype="float64", jit_compile=jit_compile
+    )
     layer.build(problem["support"].shape)
     if results:
       layer.set_weights(results[0][2])
     with tf.GradientTape() as tape:
-      logits = layer(problem["support"], problem["labels"], problem["queries"],
-                     training=True)
+      logits = layer(
+        problem["support"], problem["labels"], problem["queries"], training=True
+      )
       loss = tf.reduce_sum(tf.sin(logits))
     grads = tape.gradient(loss, layer.trainable_variables)
-    results.append((logits.numpy(), [g.numpy() for g in grads],
-                    layer.get_weights()))
+    results.append(
+      (logits.numpy(), [g.numpy() for g in grads], layer.get_weights())
+    )
   np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-10)
   for a, b in zip(results[0][1], results[1][1]):
     np.testing.assert_allclose(a, b, rtol=1e-9)

@@ -18,8 +18,9 @@ def _embed(backbone, images, training=None):
   return backbone(images, training=training).numpy()
 
 
-@pytest.mark.parametrize("shape, d", [((2, 3, 28, 28, 1), 64),
-                                      ((1, 2, 84, 84, 3), 1600)])
+@pytest.mark.parametrize(
+  "shape, d", [((2, 3, 28, 28, 1), 64), ((1, 2, 84, 84, 3), 1600)]
+)
 def test_conv4_embedding_size(shape, d):
   backbone = backbones.Conv4()
   assert _embed(backbone, _images(*shape)).shape == shape[:2] + (d,)
@@ -55,9 +56,12 @@ def test_conv4_last_block_pooling_options():
   unpooled = backbones.Conv4(pool_last_block=False)
   feature_map = _embed(unpooled, images).reshape(2, 3, 3, 3, 64)
   for kwargs, expected in [
-      ({}, feature_map[:, :, :2, :2].max(axis=(2, 3))),
-      (dict(pool_last_block=False, global_pool=True),
-       feature_map.mean(axis=(2, 3)))]:
+    ({}, feature_map[:, :, :2, :2].max(axis=(2, 3))),
+    (
+      dict(pool_last_block=False, global_pool=True),
+      feature_map.mean(axis=(2, 3)),
+    ),
+  ]:
     backbone = backbones.Conv4(**kwargs)
     backbone.build(images.shape)
     backbone.set_weights(unpooled.get_weights())
@@ -76,10 +80,14 @@ def _strided_block_reference(images, kernel, gamma, beta, epsilon):
   """
   b, n, h, w, _ = images.shape
   padded = np.pad(images, [(0, 0), (0, 0), (1, 1), (1, 1), (0, 0)])
-  full = sum(np.einsum("bnhwc,cf->bnhwf",
-                       padded[:, :, i:i + h, j:j + w], kernel[i, j])
-             for i in range(3) for j in range(3))
-  conv = full[:, :, 1 - h % 2::2, 1 - w % 2::2]
+  full = sum(
+    np.einsum(
+      "bnhwc,cf->bnhwf", padded[:, :, i : i + h, j : j + w], kernel[i, j]
+    )
+    for i in range(3)
+    for j in range(3)
+  )
+  conv = full[:, :, 1 - h % 2 :: 2, 1 - w % 2 :: 2]
   mean = conv.mean(axis=(1, 2, 3), keepdims=True)
   variance = conv.var(axis=(1, 2, 3), keepdims=True)
   normalized = (conv - mean) / np.sqrt(variance + epsilon) * gamma + beta
@@ -116,18 +124,20 @@ def test_conv4_strided_is_mamls_omniglot_network():
   mean.build(images.shape)
   mean.set_weights(flat.get_weights())
   np.testing.assert_allclose(
-      _embed(mean, images), flat_out.reshape(2, 3, 4, 64).mean(axis=2),
-      atol=1e-5)
+    _embed(mean, images), flat_out.reshape(2, 3, 4, 64).mean(axis=2), atol=1e-5
+  )
   assert mean.compute_output_shape((None, 5, 28, 28, 1)) == (None, 5, 64)
-  for kwargs, match in [(dict(downsample="avg_pool"), "downsample"),
-                        (dict(downsample="stride", pool_last_block=False),
-                         "pool_last_block")]:
+  for kwargs, match in [
+    (dict(downsample="avg_pool"), "downsample"),
+    (dict(downsample="stride", pool_last_block=False), "pool_last_block"),
+  ]:
     with pytest.raises(ValueError, match=match):
       backbones.Conv4(**kwargs)
 
 
-@pytest.mark.parametrize("make", [backbones.Conv4,
-                                  lambda: backbones.ResNet12(**TINY_RESNET)])
+@pytest.mark.parametrize(
+  "make", [backbones.Conv4, lambda: backbones.ResNet12(**TINY_RESNET)]
+)
 def test_single_task_input(make):
   backbone = make()
   images = _images(1, 4, 28, 28, 3)
@@ -158,12 +168,14 @@ def test_task_batch_norm_matches_numpy():
   var = x.var(axis=(1, 2, 3), keepdims=True)
   expected = gamma * (x - mean) / np.sqrt(var + 1e-3) + beta
   for training in (True, False):
-    np.testing.assert_allclose(_embed(layer, x, training), expected,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      _embed(layer, x, training), expected, rtol=1e-5, atol=1e-5
+    )
 
 
-@pytest.mark.parametrize("make", [backbones.Conv4,
-                                  lambda: backbones.ResNet12(**TINY_RESNET)])
+@pytest.mark.parametrize(
+  "make", [backbones.Conv4, lambda: backbones.ResNet12(**TINY_RESNET)]
+)
 def test_normalization_is_per_task(make):
   backbone = make()
   images = _images(2, 4, 28, 28, 1)
@@ -177,8 +189,9 @@ def test_normalization_is_per_task(make):
   # Task 1 alone gives the same embeddings, and so does evaluation mode.
   alone = _embed(backbone, images[:1], training=False)
   np.testing.assert_allclose(alone[0], reference[0], atol=1e-5)
-  np.testing.assert_allclose(_embed(backbone, images, training=False),
-                             reference, atol=1e-5)
+  np.testing.assert_allclose(
+    _embed(backbone, images, training=False), reference, atol=1e-5
+  )
   # The statistics do come from the task: changing the other images of
   # task 1 changes the embedding of its first image.
   changed[0, 1:] = 5.0 * changed[0, 1:]
@@ -186,13 +199,16 @@ def test_normalization_is_per_task(make):
   assert not np.allclose(out[0, 0], reference[0, 0], atol=1e-3)
 
 
-@pytest.mark.parametrize("name, kwargs, shape", [
+@pytest.mark.parametrize(
+  "name, kwargs, shape",
+  [
     ("conv4", {}, (3, 28, 28, 1)),
     ("conv4", dict(global_pool=True, pool_last_block=False), (3, 28, 28, 1)),
     ("conv4", dict(global_pool=True, downsample="stride"), (3, 28, 28, 1)),
     ("resnet12", dict(global_pool=True, **TINY_RESNET), (3, 16, 16, 3)),
     ("identity", {}, (3, 10)),
-])
+  ],
+)
 def test_save_load_round_trip(tmp_path, name, kwargs, shape):
   inputs = keras.Input(shape)
   model = keras.Model(inputs, backbones.get_backbone(name, **kwargs)(inputs))
@@ -207,27 +223,37 @@ def test_save_load_round_trip(tmp_path, name, kwargs, shape):
 
 
 def test_get_config_is_complete():
-  backbone = backbones.ResNet12(channels=(2, 3, 4, 5), negative_slope=0.2,
-                                epsilon=1e-3, global_pool=True)
+  backbone = backbones.ResNet12(
+    channels=(2, 3, 4, 5), negative_slope=0.2, epsilon=1e-3, global_pool=True
+  )
   clone = backbones.ResNet12.from_config(backbone.get_config())
   assert clone.channels == (2, 3, 4, 5)
   assert (clone.negative_slope, clone.epsilon, clone.global_pool) == (
-      0.2, 1e-3, True)
+    0.2,
+    1e-3,
+    True,
+  )
   conv4 = backbones.Conv4.from_config(
-      backbones.Conv4(filters=8, epsilon=1e-2, global_pool=True,
-                      pool_last_block=False).get_config())
-  assert (conv4.filters, conv4.epsilon, conv4.global_pool,
-          conv4.pool_last_block) == (8, 1e-2, True, False)
+    backbones.Conv4(
+      filters=8, epsilon=1e-2, global_pool=True, pool_last_block=False
+    ).get_config()
+  )
+  assert (
+    conv4.filters,
+    conv4.epsilon,
+    conv4.global_pool,
+    conv4.pool_last_block,
+  ) == (8, 1e-2, True, False)
   assert not conv4.blocks[3].pool and conv4.blocks[2].pool
   strided = backbones.Conv4.from_config(
-      backbones.Conv4(downsample="stride").get_config())
+    backbones.Conv4(downsample="stride").get_config()
+  )
   assert strided.downsample == "stride"
   assert [block.stride for block in strided.blocks] == [2] * 4
 
 
 def test_get_backbone():
-  assert isinstance(backbones.get_backbone("conv4", filters=8),
-                    backbones.Conv4)
+  assert isinstance(backbones.get_backbone("conv4", filters=8), backbones.Conv4)
   assert isinstance(backbones.get_backbone("resnet12"), backbones.ResNet12)
   with pytest.raises(ValueError, match="conv4, identity, resnet12"):
     backbones.get_backbone("resnet18")

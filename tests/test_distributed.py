@@ -25,8 +25,14 @@ import cli_helpers
 from comln_tf import training
 
 EQUIVALENCE_ARGS = cli_helpers.TINY_ARGS + (
-    "--steps=2", "--log_every=1", "--checkpoint_every=1", "--validate_every=2",
-    "--weight_decay=0.05", "--seed=3", "--clip_norm=5")
+  "--config.schedule.steps=2",
+  "--config.schedule.log_every=1",
+  "--config.schedule.checkpoint_every=1",
+  "--config.schedule.validate_every=2",
+  "--config.optim.weight_decay=0.05",
+  "--config.run.seed=3",
+  "--config.optim.clip_norm=5",
+)
 # Measured: 1.4e-4 between 2 replicas and one device after 2 steps.
 TOLERANCE = 2e-3
 
@@ -34,9 +40,11 @@ TOLERANCE = 2e-3
 @pytest.fixture(scope="module")
 def single_device_run(tmp_path_factory):
   model_dir = tmp_path_factory.mktemp("single")
-  result = cli_helpers.run("launch.train",
-                           (f"--model_dir={model_dir}",) + EQUIVALENCE_ARGS,
-                           timeout=240)
+  result = cli_helpers.run(
+    "launch.train",
+    (f"--model_dir={model_dir}",) + EQUIVALENCE_ARGS,
+    timeout=240,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return model_dir
 
@@ -52,44 +60,60 @@ def _assert_matches_single_device(model_dir, single_device_run):
   assert weights[step] == expected[step] == 2
   assert cli_helpers.relative_difference(weights, expected) < TOLERANCE
   norms, expected_norms = (
-      [value for _, value in cli_helpers.scalars(run / "train")["grad_norm"]]
-      for run in (model_dir, single_device_run))
+    [value for _, value in cli_helpers.scalars(run / "train")["grad_norm"]]
+    for run in (model_dir, single_device_run)
+  )
   np.testing.assert_allclose(norms, expected_norms, rtol=TOLERANCE)
 
 
 def _tf_config(ports, index):
-  return json.dumps({
+  return json.dumps(
+    {
       "cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
-      "task": {"type": "worker", "index": index}})
+      "task": {"type": "worker", "index": index},
+    }
+  )
 
 
 def _start_workers(processes, name, args):
   """Starts 2 multi-worker launchers on free loopback ports."""
   ports = cli_helpers.free_ports(2)
-  return [processes.start(
-      f"{name}{index}", "launch.train",
-      ("--strategy=multi_worker",) + tuple(args),
-      env=cli_helpers.environment(TF_CONFIG=_tf_config(ports, index)))
-          for index in range(2)]
+  return [
+    processes.start(
+      f"{name}{index}",
+      "launch.train",
+      tuple(args) + ("--config.run.strategy=multi_worker",),
+      env=cli_helpers.environment(TF_CONFIG=_tf_config(ports, index)),
+    )
+    for index in range(2)
+  ]
 
 
-def test_mirrored_on_two_logical_cpus_matches_one_device(tmp_path,
-                                                         single_device_run):
+def test_mirrored_on_two_logical_cpus_matches_one_device(
+  tmp_path, single_device_run
+):
   model_dir = tmp_path / "mirrored"
   result = cli_helpers.run(
-      "launch.train", (f"--model_dir={model_dir}", "--strategy=mirrored",
-                       "--devices=/cpu:0,/cpu:1") + EQUIVALENCE_ARGS,
-      timeout=240)
+    "launch.train",
+    (f"--model_dir={model_dir}",)
+    + EQUIVALENCE_ARGS
+    + (
+      "--config.run.strategy=mirrored",
+      "--config.run.devices=/cpu:0",
+      "--config.run.devices=/cpu:1",
+    ),
+    timeout=240,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "with 2 replica(s)" in result.stderr
   _assert_matches_single_device(model_dir, single_device_run)
 
 
-def test_two_workers_match_one_process(tmp_path, single_device_run,
-                                       processes):
+def test_two_workers_match_one_process(tmp_path, single_device_run, processes):
   model_dir = tmp_path / "workers"
-  workers = _start_workers(processes, "worker",
-                           (f"--model_dir={model_dir}",) + EQUIVALENCE_ARGS)
+  workers = _start_workers(
+    processes, "worker", (f"--model_dir={model_dir}",) + EQUIVALENCE_ARGS
+  )
   for worker in workers:
     assert processes.wait(worker, 300) == 0, processes.log(worker)[-3000:]
   assert "with 2 replica(s)" in processes.log(workers[1])
@@ -98,20 +122,34 @@ def test_two_workers_match_one_process(tmp_path, single_device_run,
   # temporary directory, deleted.
   assert not list(model_dir.glob("**/workertemp_*"))
   assert len(list((model_dir / "train").iterdir())) == 1
-  assert training.checkpoint_step(
-      training.checkpoint_path(str(model_dir), "best")) == 2
+  assert (
+    training.checkpoint_step(training.checkpoint_path(str(model_dir), "best"))
+    == 2
+  )
 
 
 def test_cluster_restarted_after_a_worker_is_killed_finishes_the_run(
-    tmp_path, processes):
+  tmp_path, processes
+):
   steps = 12
   model_dir = tmp_path / "fault"
-  args = (f"--model_dir={model_dir}",) + cli_helpers.TINY_ARGS + (
-      f"--steps={steps}", "--log_every=2", "--checkpoint_every=2",
-      "--validate_every=0", "--seed=3")
+  args = (
+    (f"--model_dir={model_dir}",)
+    + cli_helpers.TINY_ARGS
+    + (
+      f"--config.schedule.steps={steps}",
+      "--config.schedule.log_every=2",
+      "--config.schedule.checkpoint_every=2",
+      "--config.schedule.validate_every=0",
+      "--config.run.seed=3",
+    )
+  )
   chief, other = _start_workers(processes, "first", args)
-  cli_helpers.wait_until(lambda: cli_helpers.latest_step(model_dir) >= 4,
-                         timeout=240, processes=[chief, other])
+  cli_helpers.wait_until(
+    lambda: cli_helpers.latest_step(model_dir) >= 4,
+    timeout=240,
+    processes=[chief, other],
+  )
   other.send_signal(signal.SIGKILL)
   assert processes.wait(other, 30) == -signal.SIGKILL
   # The chief's collective ops fail without its peer; a chief that hangs
@@ -127,15 +165,23 @@ def test_cluster_restarted_after_a_worker_is_killed_finishes_the_run(
   for worker in restarted:
     assert processes.wait(worker, 300) == 0, processes.log(worker)[-3000:]
   for worker in restarted:
-    assert (f"Resumed from {model_dir}/ckpt-{killed_at} (step {killed_at})"
-            in processes.log(worker))
+    assert (
+      f"Resumed from {model_dir}/ckpt-{killed_at} (step {killed_at})"
+      in processes.log(worker)
+    )
   assert cli_helpers.latest_step(model_dir) == steps
   state = (model_dir / "checkpoint").read_text()
-  paths = [model_dir / line.split('"')[1] for line in state.splitlines()
-           if line.startswith("all_model_checkpoint_paths")]
+  paths = [
+    model_dir / line.split('"')[1]
+    for line in state.splitlines()
+    if line.startswith("all_model_checkpoint_paths")
+  ]
   assert paths and paths[-1].name == f"ckpt-{steps}"
   for path in paths:  # Every checkpoint kept is complete and finite.
     values = cli_helpers.checkpoint_values(path)
-    assert all(np.all(np.isfinite(value)) for value in values.values()
-               if np.issubdtype(np.asarray(value).dtype, np.floating))
+    assert all(
+      np.all(np.isfinite(value))
+      for value in values.values()
+      if np.issubdtype(np.asarray(value).dtype, np.floating)
+    )
   assert not list(model_dir.glob("**/workertemp_*"))

@@ -18,9 +18,12 @@ import pytest
 import tensorflow as tf
 
 from comln_tf import backbones
+from comln_tf import data
+from comln_tf import evaluation
 from comln_tf import training
 from comln_tf.layers import GradientFlowClassifier
 from comln_tf.model import COMLN
+from export import check_served
 from export import saved_model
 from export import session
 from export import warmup
@@ -35,8 +38,11 @@ def _task(ways, shots, queries, seed=0):
   [ways*shots] in shuffled order, query_images [queries, 28, 28, 1])."""
   rng = np.random.default_rng(seed)
   labels = rng.permutation(np.repeat(np.arange(ways), shots))
-  return (rng.random((ways * shots,) + IMAGE_SHAPE, np.float32), labels,
-          rng.random((queries,) + IMAGE_SHAPE, np.float32))
+  return (
+    rng.random((ways * shots,) + IMAGE_SHAPE, np.float32),
+    labels,
+    rng.random((queries,) + IMAGE_SHAPE, np.float32),
+  )
 
 
 def _serve(served, signature, **inputs):
@@ -50,65 +56,82 @@ def _export(tmp_path_factory, classifier):
   # Built as comln_tf.training builds models, not by a call.
   model.build({"support_images": (None, None) + IMAGE_SHAPE})
   base = str(tmp_path_factory.mktemp("exports"))
-  export_dir = saved_model.export_version(model, base, IMAGE_SHAPE,
-                                          metadata={"source": "test"})
+  export_dir = saved_model.export_version(
+    model, base, IMAGE_SHAPE, metadata={"source": "test"}
+  )
   return model, export_dir, session.SessionModel(export_dir)
 
 
 @pytest.fixture(scope="module")
 def per_class(tmp_path_factory):
   """(model, export dir, served session) of a 5-way model, T = 2."""
-  return _export(tmp_path_factory,
-                 GradientFlowClassifier(WAYS, initial_t=2.0))
+  return _export(tmp_path_factory, GradientFlowClassifier(WAYS, initial_t=2.0))
 
 
 @pytest.fixture(scope="module")
 def tied(tmp_path_factory):
   """Same with tied rows of W0: adapts to any number of ways."""
-  return _export(tmp_path_factory,
-                 GradientFlowClassifier(initial_t=2.0, tie_init_rows=True))
+  return _export(
+    tmp_path_factory, GradientFlowClassifier(initial_t=2.0, tie_init_rows=True)
+  )
 
 
 def _keras_logits(model, support, labels, query):
   """The Keras model on one task (support and queries embedded together)."""
-  return model({"support_images": support[None],
-                "support_labels": labels[None],
-                "query_images": query[None]})[0].numpy()
+  return model(
+    {
+      "support_images": support[None],
+      "support_labels": labels[None],
+      "query_images": query[None],
+    }
+  )[0].numpy()
 
 
 def _keras_weights(model, support, labels, num_ways=None):
   """In-process adapt: support embedded alone, plain solve. [N, d]."""
   embeddings = model.backbone(support[None])
-  return model.classifier.adapt(embeddings, labels[None], training=False,
-                                num_ways=num_ways)[0].numpy()
+  return model.classifier.adapt(
+    embeddings, labels[None], training=False, num_ways=num_ways
+  )[0].numpy()
 
 
 def _assert_outputs(outputs, logits, atol=TOLERANCE):
   """Checks logits, probabilities and classes against Keras logits [Q, N]."""
   np.testing.assert_allclose(outputs["logits"], logits, atol=atol)
-  np.testing.assert_allclose(outputs["probabilities"],
-                             tf.nn.softmax(logits).numpy(), atol=atol)
+  np.testing.assert_allclose(
+    outputs["probabilities"], tf.nn.softmax(logits).numpy(), atol=atol
+  )
   np.testing.assert_array_equal(outputs["classes"], logits.argmax(-1))
   assert outputs["classes"].dtype == np.int64
 
 
 def test_signatures(per_class):
   _, _, served = per_class
-  signatures = {key: value for key, value in served.signatures.items()
-                if not key.startswith("__")}
+  signatures = {
+    key: value
+    for key, value in served.signatures.items()
+    if not key.startswith("__")
+  }
   assert set(signatures) == set(saved_model.SIGNATURES)
   float32, int64 = tf.float32.as_datatype_enum, tf.int64.as_datatype_enum
   expected = {
-      "adapt_and_predict": (
-          {"support_images": float32, "support_labels": int64,
-           "query_images": float32},
-          {"logits": float32, "probabilities": float32, "classes": int64}),
-      "adapt": ({"support_images": float32, "support_labels": int64},
-                {"weights": float32}),
-      "predict": ({"query_images": float32, "weights": float32},
-                  {"logits": float32, "probabilities": float32,
-                   "classes": int64}),
-      "embed": ({"images": float32}, {"embeddings": float32}),
+    "adapt_and_predict": (
+      {
+        "support_images": float32,
+        "support_labels": int64,
+        "query_images": float32,
+      },
+      {"logits": float32, "probabilities": float32, "classes": int64},
+    ),
+    "adapt": (
+      {"support_images": float32, "support_labels": int64},
+      {"weights": float32},
+    ),
+    "predict": (
+      {"query_images": float32, "weights": float32},
+      {"logits": float32, "probabilities": float32, "classes": int64},
+    ),
+    "embed": ({"images": float32}, {"embeddings": float32}),
   }
   expected["serving_default"] = expected["adapt_and_predict"]
   for key, (inputs, outputs) in expected.items():
@@ -123,27 +146,36 @@ def test_adapt_and_predict_matches_keras(per_class, shots, queries):
   support, labels, query = _task(WAYS, shots, queries)
   logits = _keras_logits(model, support, labels, query)
   for signature in ("serving_default", "adapt_and_predict"):
-    outputs = _serve(served, signature, support_images=support,
-                     support_labels=labels, query_images=query)
+    outputs = _serve(
+      served,
+      signature,
+      support_images=support,
+      support_labels=labels,
+      query_images=query,
+    )
     _assert_outputs(outputs, logits)
 
 
 def test_adapt_predict_embed_match_keras(per_class):
   model, _, served = per_class
   support, labels, query = _task(WAYS, 2, 6)
-  weights = _serve(served, "adapt", support_images=support,
-                   support_labels=labels)["weights"]
+  weights = _serve(
+    served, "adapt", support_images=support, support_labels=labels
+  )["weights"]
   expected = _keras_weights(model, support, labels)
   # The solve moved W from W0: a test that T and the flow are exported.
   assert np.abs(expected - model.classifier.init_weights.numpy()).max() > 0.1
   np.testing.assert_allclose(weights, expected, atol=TOLERANCE)
   query_embeddings = model.backbone(query[None])[0].numpy()
   _assert_outputs(
-      _serve(served, "predict", query_images=query, weights=weights),
-      query_embeddings @ weights.T)
+    _serve(served, "predict", query_images=query, weights=weights),
+    query_embeddings @ weights.T,
+  )
   np.testing.assert_allclose(
-      _serve(served, "embed", images=query)["embeddings"], query_embeddings,
-      atol=TOLERANCE)
+    _serve(served, "embed", images=query)["embeddings"],
+    query_embeddings,
+    atol=TOLERANCE,
+  )
 
 
 @pytest.mark.parametrize("ways", [2, 3, 7])
@@ -151,18 +183,31 @@ def test_tied_rows_adapt_to_any_number_of_ways(tied, ways):
   model, _, served = tied
   support, labels, query = _task(ways, 2, 5)
   embeddings = model.backbone(np.concatenate([support, query])[None])
-  weights = model.classifier.adapt(embeddings[:, :len(labels)], labels[None],
-                                   training=False, num_ways=ways)
-  logits = model.classifier.logits(embeddings[:, len(labels):],
-                                   weights)[0].numpy()
+  weights = model.classifier.adapt(
+    embeddings[:, : len(labels)], labels[None], training=False, num_ways=ways
+  )
+  logits = model.classifier.logits(embeddings[:, len(labels) :], weights)[
+    0
+  ].numpy()
   assert logits.shape == (5, ways)
-  _assert_outputs(_serve(served, "serving_default", support_images=support,
-                         support_labels=labels, query_images=query), logits)
-  adapted = _serve(served, "adapt", support_images=support,
-                   support_labels=labels)["weights"]
+  _assert_outputs(
+    _serve(
+      served,
+      "serving_default",
+      support_images=support,
+      support_labels=labels,
+      query_images=query,
+    ),
+    logits,
+  )
+  adapted = _serve(
+    served, "adapt", support_images=support, support_labels=labels
+  )["weights"]
   np.testing.assert_allclose(
-      adapted, _keras_weights(model, support, labels, num_ways=ways),
-      atol=TOLERANCE)
+    adapted,
+    _keras_weights(model, support, labels, num_ways=ways),
+    atol=TOLERANCE,
+  )
   predicted = _serve(served, "predict", query_images=query, weights=adapted)
   assert predicted["logits"].shape == (5, ways)
 
@@ -171,8 +216,16 @@ def test_tied_rows_trained_ways_match_keras_model(tied):
   model, _, served = tied
   support, labels, query = _task(WAYS, 1, 10)
   logits = _keras_logits(model, support, labels, query)
-  _assert_outputs(_serve(served, "serving_default", support_images=support,
-                         support_labels=labels, query_images=query), logits)
+  _assert_outputs(
+    _serve(
+      served,
+      "serving_default",
+      support_images=support,
+      support_labels=labels,
+      query_images=query,
+    ),
+    logits,
+  )
 
 
 def _with(array, index, value):
@@ -183,70 +236,130 @@ def _with(array, index, value):
 
 _SUPPORT, _LABELS, _QUERY = _task(WAYS, 1, 4)
 _WEIGHTS = np.ones((WAYS, 8), np.float32)
-_TASK = {"support_images": _SUPPORT, "support_labels": _LABELS,
-         "query_images": _QUERY}
+_TASK = {
+  "support_images": _SUPPORT,
+  "support_labels": _LABELS,
+  "query_images": _QUERY,
+}
 _PER_CLASS_ERRORS = [
-    ("serving_default", {"support_images": np.zeros((5, 32, 32, 1),
-                                                    np.float32)},
-     r"support_images must have shape \[M, 28, 28, 1\]; got shape\] "
-     r"\[5 32 32 1\]"),
-    ("serving_default", {"query_images": np.zeros((4, 28, 28, 3),
-                                                  np.float32)},
-     r"query_images must have shape \[Q, 28, 28, 1\]"),
-    ("serving_default", {"support_images": np.zeros((0,) + IMAGE_SHAPE,
-                                                    np.float32),
-                         "support_labels": np.zeros([0], np.int64)},
-     "support_images is empty"),
-    ("serving_default", {"query_images": np.zeros((0,) + IMAGE_SHAPE,
-                                                  np.float32)},
-     "query_images is empty"),
-    ("serving_default", {"support_labels": np.array([0, 1, 2, 3, 5])},
-     r"support_labels must be in \[0, 5\); got values in\] \[0\] \[5\]"),
-    ("adapt", {"support_labels": np.array([0, 1, -2, 3, 4])},
-     r"support_labels must be in \[0, 5\)"),
-    ("serving_default", {"support_labels": np.array([0, 1, 2, 3, 1])},
-     r"every class 0..N-1 must appear in support_labels; N =\] \[5\] "
-     r"\[missing classes:\] \[4\]"),
-    ("adapt", {"support_labels": np.array([0, 1, 2, 3])},
-     r"support_labels must have shape \[M\]"),
-    ("serving_default", {"support_images": _with(_SUPPORT, (2, 3, 4),
-                                                 np.nan)},
-     "support_images must be finite"),
-    ("serving_default", {"query_images": _with(_QUERY, (1, 5, 6), np.inf)},
-     "query_images must be finite"),
-    ("predict", {"weights": np.ones((4, 8), np.float32)},
-     r"weights must have shape \[N, 8\] with N = 5"),
-    ("predict", {"weights": np.ones((5, 9), np.float32)},
-     r"weights must have shape \[N, 8\]"),
-    ("predict", {"weights": _with(_WEIGHTS, (0, 0), np.nan)},
-     "weights must be finite"),
-    ("embed", {"images": np.zeros((3, 28, 28, 2), np.float32)},
-     r"images must have shape \[n, 28, 28, 1\]"),
+  (
+    "serving_default",
+    {"support_images": np.zeros((5, 32, 32, 1), np.float32)},
+    r"support_images must have shape \[M, 28, 28, 1\]; got shape\] "
+    r"\[5 32 32 1\]",
+  ),
+  (
+    "serving_default",
+    {"query_images": np.zeros((4, 28, 28, 3), np.float32)},
+    r"query_images must have shape \[Q, 28, 28, 1\]",
+  ),
+  (
+    "serving_default",
+    {
+      "support_images": np.zeros((0,) + IMAGE_SHAPE, np.float32),
+      "support_labels": np.zeros([0], np.int64),
+    },
+    "support_images is empty",
+  ),
+  (
+    "serving_default",
+    {"query_images": np.zeros((0,) + IMAGE_SHAPE, np.float32)},
+    "query_images is empty",
+  ),
+  (
+    "serving_default",
+    {"support_labels": np.array([0, 1, 2, 3, 5])},
+    r"support_labels must be in \[0, 5\); got values in\] \[0\] \[5\]",
+  ),
+  (
+    "adapt",
+    {"support_labels": np.array([0, 1, -2, 3, 4])},
+    r"support_labels must be in \[0, 5\)",
+  ),
+  (
+    "serving_default",
+    {"support_labels": np.array([0, 1, 2, 3, 1])},
+    r"every class 0..N-1 must appear in support_labels; N =\] \[5\] "
+    r"\[missing classes:\] \[4\]",
+  ),
+  (
+    "adapt",
+    {"support_labels": np.array([0, 1, 2, 3])},
+    r"support_labels must have shape \[M\]",
+  ),
+  (
+    "serving_default",
+    {"support_images": _with(_SUPPORT, (2, 3, 4), np.nan)},
+    "support_images must be finite",
+  ),
+  (
+    "serving_default",
+    {"query_images": _with(_QUERY, (1, 5, 6), np.inf)},
+    "query_images must be finite",
+  ),
+  (
+    "predict",
+    {"weights": np.ones((4, 8), np.float32)},
+    r"weights must have shape \[N, 8\] with N = 5",
+  ),
+  (
+    "predict",
+    {"weights": np.ones((5, 9), np.float32)},
+    r"weights must have shape \[N, 8\]",
+  ),
+  (
+    "predict",
+    {"weights": _with(_WEIGHTS, (0, 0), np.nan)},
+    "weights must be finite",
+  ),
+  (
+    "embed",
+    {"images": np.zeros((3, 28, 28, 2), np.float32)},
+    r"images must have shape \[n, 28, 28, 1\]",
+  ),
 ]
 _TIED_ERRORS = [
-    ("serving_default", {"support_labels": np.zeros(5, np.int64)},
-     r"at least 2 classes 0..N-1; got N =\] \[1\]"),
-    ("serving_default", {"support_labels": np.array([0, 1, 2, 3, 10 ** 12])},
-     r"N = max\(support_labels\) \+ 1 <= M"),
-    ("adapt", {"support_labels": np.array([0, 1, 3, 3, 1])},
-     r"every class 0..N-1 must appear in support_labels; N =\] \[4\] "
-     r"\[missing classes:\] \[2\]"),
-    ("serving_default", {"support_labels": np.array([0, 1, -1, 2, 3])},
-     r"support_labels must be >= 0"),
-    ("predict", {"weights": np.ones((1, 8), np.float32)},
-     r"weights must have shape \[N, 8\] with N >= 2"),
+  (
+    "serving_default",
+    {"support_labels": np.zeros(5, np.int64)},
+    r"at least 2 classes 0..N-1; got N =\] \[1\]",
+  ),
+  (
+    "serving_default",
+    {"support_labels": np.array([0, 1, 2, 3, 10**12])},
+    r"N = max\(support_labels\) \+ 1 <= M",
+  ),
+  (
+    "adapt",
+    {"support_labels": np.array([0, 1, 3, 3, 1])},
+    r"every class 0..N-1 must appear in support_labels; N =\] \[4\] "
+    r"\[missing classes:\] \[2\]",
+  ),
+  (
+    "serving_default",
+    {"support_labels": np.array([0, 1, -1, 2, 3])},
+    r"support_labels must be >= 0",
+  ),
+  (
+    "predict",
+    {"weights": np.ones((1, 8), np.float32)},
+    r"weights must have shape \[N, 8\] with N >= 2",
+  ),
 ]
 
 
 def _bad_request(signature, changes):
   """A request that is valid except for `changes`."""
-  keys = {"serving_default": _TASK,
-          "adapt": ("support_images", "support_labels"),
-          "predict": ("query_images", "weights"),
-          "embed": ("images",)}[signature]
+  keys = {
+    "serving_default": _TASK,
+    "adapt": ("support_images", "support_labels"),
+    "predict": ("query_images", "weights"),
+    "embed": ("images",),
+  }[signature]
   valid = {**_TASK, "weights": _WEIGHTS, "images": _QUERY}
   return warmup.predict_request(
-      signature, {key: changes.get(key, valid[key]) for key in keys})
+    signature, {key: changes.get(key, valid[key]) for key in keys}
+  )
 
 
 @pytest.mark.parametrize("signature,changes,message", _PER_CLASS_ERRORS)
@@ -302,12 +415,15 @@ def test_tfsm_layer_reload(per_class):
   model, export_dir, _ = per_class
   support, labels, query = _task(WAYS, 1, 6)
   embed = keras.layers.TFSMLayer(export_dir, call_endpoint="embed")
-  np.testing.assert_allclose(embed(query)["embeddings"],
-                             model.backbone(query[None])[0], atol=TOLERANCE)
+  np.testing.assert_allclose(
+    embed(query)["embeddings"], model.backbone(query[None])[0], atol=TOLERANCE
+  )
   adapt_and_predict = keras.layers.TFSMLayer(
-      export_dir, call_endpoint="adapt_and_predict")
-  outputs = adapt_and_predict(support, support_labels=labels,
-                              query_images=query)
+    export_dir, call_endpoint="adapt_and_predict"
+  )
+  outputs = adapt_and_predict(
+    support, support_labels=labels, query_images=query
+  )
   logits = _keras_logits(model, support, labels, query)
   np.testing.assert_allclose(outputs["logits"], logits, atol=TOLERANCE)
 
@@ -319,11 +435,9 @@ def test_next_version_and_existing_version(tmp_path, per_class):
     (base / name).mkdir(parents=True)
   assert saved_model.next_version(str(base)) == 11
   with pytest.raises(FileExistsError, match="3"):
-    saved_model.export_version(per_class[0], str(base), IMAGE_SHAPE,
-                               version=3)
+    saved_model.export_version(per_class[0], str(base), IMAGE_SHAPE, version=3)
   with pytest.raises(ValueError, match="positive integer"):
-    saved_model.export_version(per_class[0], str(base), IMAGE_SHAPE,
-                               version=0)
+    saved_model.export_version(per_class[0], str(base), IMAGE_SHAPE, version=0)
 
 
 def test_export_dir_has_no_temporary_folder(per_class):
@@ -334,8 +448,9 @@ def test_export_dir_has_no_temporary_folder(per_class):
 
 def _run(command, cwd, env=None, succeed=True):
   """Runs a command; fails the test with its stderr unless as expected."""
-  result = subprocess.run(command, cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+  result = subprocess.run(
+    command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+  )
   assert (result.returncode == 0) == succeed, result.stderr[-3000:]
   return result
 
@@ -351,9 +466,14 @@ def _run_python(code, cwd):
 def test_serves_without_comln_tf(per_class, tmp_path):
   model, export_dir, _ = per_class
   support, labels, query = _task(WAYS, 1, 6)
-  np.savez(tmp_path / "task.npz", support_images=support,
-           support_labels=labels, query_images=query)
-  result = _run_python(f"""
+  np.savez(
+    tmp_path / "task.npz",
+    support_images=support,
+    support_labels=labels,
+    query_images=query,
+  )
+  result = _run_python(
+    f"""
       import json, sys
       import numpy as np
       import tensorflow as tf
@@ -369,7 +489,9 @@ def test_serves_without_comln_tf(per_class, tmp_path):
       assert not any(name.split(".")[0] in ("comln_tf", "export")
                      for name in sys.modules), "imported project code"
       print(json.dumps([served.tolist(), eager.numpy().tolist()]))
-      """, cwd=tmp_path)
+      """,
+    cwd=tmp_path,
+  )
   served, eager = json.loads(result.stdout.strip().splitlines()[-1])
   logits = _keras_logits(model, support, labels, query)
   np.testing.assert_allclose(served, logits, atol=TOLERANCE)
@@ -381,40 +503,71 @@ def test_saved_model_cli_run(per_class, tmp_path):
   model, export_dir, _ = per_class
   support, labels, query = _task(WAYS, 1, 6)
   task = str(tmp_path / "task.npz")
-  np.savez(task, support_images=support, support_labels=labels,
-           query_images=query)
+  np.savez(
+    task, support_images=support, support_labels=labels, query_images=query
+  )
   cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
-  inputs = ";".join(f"{key}={task}[{key}]" for key in
-                    ("support_images", "support_labels", "query_images"))
-  _run([cli, "run", "--dir", export_dir, "--tag_set", "serve",
-        "--signature_def", "serving_default", "--inputs", inputs,
-        "--outdir", str(tmp_path / "out")], tmp_path)
+  inputs = ";".join(
+    f"{key}={task}[{key}]"
+    for key in ("support_images", "support_labels", "query_images")
+  )
+  _run(
+    [
+      cli,
+      "run",
+      "--dir",
+      export_dir,
+      "--tag_set",
+      "serve",
+      "--signature_def",
+      "serving_default",
+      "--inputs",
+      inputs,
+      "--outdir",
+      str(tmp_path / "out"),
+    ],
+    tmp_path,
+  )
   logits = _keras_logits(model, support, labels, query)
-  np.testing.assert_allclose(np.load(tmp_path / "out" / "logits.npy"),
-                             logits, atol=TOLERANCE)
-  np.testing.assert_array_equal(np.load(tmp_path / "out" / "classes.npy"),
-                                logits.argmax(-1))
+  np.testing.assert_allclose(
+    np.load(tmp_path / "out" / "logits.npy"), logits, atol=TOLERANCE
+  )
+  np.testing.assert_array_equal(
+    np.load(tmp_path / "out" / "classes.npy"), logits.argmax(-1)
+  )
 
 
 @pytest.mark.slow
 def test_export_model_cli(tmp_path):
-  config = training.make_config(example_shape=list(IMAGE_SHAPE),
-                                tie_init_rows=True, initial_t=1.5)
+  config = training.make_config(
+    {
+      "data.example_shape": list(IMAGE_SHAPE),
+      "model.tie_init_rows": True,
+      "model.initial_t": 1.5,
+    }
+  )
   keras.utils.set_random_seed(1)
   model = training.build_model(config)
   model_dir = tmp_path / "run"
   training.save_config(str(model_dir), config)
   # Saved as training saves it.
   training.make_checkpoint(model, step=tf.Variable(7, dtype=tf.int64)).save(
-      str(model_dir / "ckpt"))
+    str(model_dir / "ckpt")
+  )
   base = tmp_path / "exports"
-  command = [sys.executable, "-m", "export.export_model",
-             f"--model_dir={model_dir}", f"--export_base={base}"]
+  command = [
+    sys.executable,
+    "-m",
+    "export.export_model",
+    f"--model_dir={model_dir}",
+    f"--export_base={base}",
+  ]
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   _run(command, repo)
   export_dir = str(base / "1")
-  with open(os.path.join(export_dir, "assets.extra",
-                         saved_model.METADATA_FILE)) as f:
+  with open(
+    os.path.join(export_dir, "assets.extra", saved_model.METADATA_FILE)
+  ) as f:
     info = json.load(f)
   assert info["step"] == 7 and info["ways"] == 5 and info["tie_init_rows"]
   assert info["t_final"] == pytest.approx(1.5)
@@ -425,11 +578,104 @@ def test_export_model_cli(tmp_path):
   # Likely cause (not isolated): a step decision that rounding tips
   # differently in the two executions.
   _assert_outputs(
-      _serve(session.SessionModel(export_dir), "serving_default",
-             support_images=support, support_labels=labels,
-             query_images=query),
-      _keras_logits(model, support, labels, query), atol=2e-4)
+    _serve(
+      session.SessionModel(export_dir),
+      "serving_default",
+      support_images=support,
+      support_labels=labels,
+      query_images=query,
+    ),
+    _keras_logits(model, support, labels, query),
+    atol=2e-4,
+  )
   # No best checkpoint (the run never validated): a clear error, no export.
   failed = _run(command + ["--checkpoint=best"], repo, succeed=False)
   assert "No best checkpoint" in failed.stderr
   assert os.listdir(base) == ["1"]
+
+
+@pytest.mark.slow
+def test_export_serves_the_model_launch_evaluate_evaluates(tmp_path):
+  # A run whose best checkpoint (step 3) and latest (step 5) hold two
+  # different models, as after a training whose validation peaked early.
+  config = training.make_config(
+    {
+      "data.example_shape": list(IMAGE_SHAPE),
+      "data.queries": 3,
+      "data.meta_batch_size": 2,
+      "model.initial_t": 1.5,
+    }
+  )
+  model_dir = tmp_path / "run"
+  training.save_config(str(model_dir), config)
+  models = {}
+  for which, seed, step, directory in (
+    ("best", 1, 3, model_dir / training.BEST_DIR),
+    ("latest", 2, 5, model_dir),
+  ):
+    keras.utils.set_random_seed(seed)
+    models[which] = training.build_model(config)
+    checkpoint = training.make_checkpoint(
+      models[which], step=tf.Variable(step, dtype=tf.int64)
+    )
+    tf.train.CheckpointManager(checkpoint, str(directory), 1).save(step)
+  episodes = 4
+  results = training.evaluate_run(
+    str(model_dir),
+    num_episodes=episodes,
+    output=str(tmp_path / "evaluation.json"),
+  )
+  assert (results["which"], results["step"]) == ("best", 3)
+  base = tmp_path / "exports"
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  printed = _run(
+    [
+      sys.executable,
+      "-m",
+      "export.export_model",
+      f"--model_dir={model_dir}",
+      f"--export_base={base}",
+    ],
+    repo,
+  ).stdout
+  assert f"Exported {results['checkpoint']} (step 3)" in printed
+
+  compared = check_served.compare(
+    str(model_dir), str(base / "1"), num_episodes=episodes
+  )
+  assert (
+    compared["export_checkpoint"]
+    == compared["checkpoint"]
+    == (results["checkpoint"])
+  )
+  # The reference: each model called eagerly on each fixed test episode.
+  test_set = data.load_splits("omniglot").test
+  classes = {
+    which: np.stack(
+      [
+        np.argmax(
+          model(
+            {key: value[None] for key, value in episode.items()}, training=False
+          )[0],
+          axis=-1,
+        )
+        for episode in data.eval_episodes(
+          test_set,
+          ways=WAYS,
+          shots=1,
+          queries=3,
+          seed=evaluation.TEST_SEED,
+          num_episodes=episodes,
+        )
+      ]
+    )
+    for which, model in models.items()
+  }
+  np.testing.assert_array_equal(compared["served_classes"], classes["best"])
+  assert compared["disagreements"] == 0
+  assert compared["served_accuracy"] == pytest.approx(
+    results["accuracy"], abs=1e-12
+  )
+  # The latest model classifies these queries otherwise: serving it would
+  # fail the comparison.
+  assert np.any(classes["latest"] != classes["best"])

@@ -39,15 +39,18 @@ def _episodes(num_tasks, seed=0, noise=0.3, image_shape=(28, 28, 1)):
     clean = np.take_along_axis(prototypes, index, axis=1)
     return clean + noise * rng.standard_normal(clean.shape, dtype=np.float32)
 
-  return {"support_images": draw(support_labels),
-          "support_labels": support_labels.astype(np.int32),
-          "query_images": draw(query_labels),
-          "query_labels": query_labels.astype(np.int32)}
+  return {
+    "support_images": draw(support_labels),
+    "support_labels": support_labels.astype(np.int32),
+    "query_images": draw(query_labels),
+    "query_labels": query_labels.astype(np.int32),
+  }
 
 
 def _conv4_model(**kwargs):
-  return COMLN(backbones.Conv4(filters=8), GradientFlowClassifier(WAYS),
-               **kwargs)
+  return COMLN(
+    backbones.Conv4(filters=8), GradientFlowClassifier(WAYS), **kwargs
+  )
 
 
 def test_call_shapes_and_joint_embedding():
@@ -58,15 +61,22 @@ def test_call_shapes_and_joint_embedding():
   assert int(stats.num_evals) > 0
   # By hand: embed support and query of each task together (the per-task
   # batch norm sees both), then the classifier layer's own call.
-  images = np.concatenate([episode["support_images"],
-                           episode["query_images"]], axis=1)
+  images = np.concatenate(
+    [episode["support_images"], episode["query_images"]], axis=1
+  )
   embeddings = model.backbone(images).numpy()
-  expected = model.classifier(embeddings[:, :WAYS], episode["support_labels"],
-                              embeddings[:, WAYS:])
+  expected = model.classifier(
+    embeddings[:, :WAYS], episode["support_labels"], embeddings[:, WAYS:]
+  )
   np.testing.assert_allclose(logits.numpy(), expected.numpy(), atol=1e-5)
   # Embedding queries apart from the support set would give other values.
-  separate = np.concatenate([model.backbone(episode["support_images"]),
-                             model.backbone(episode["query_images"])], axis=1)
+  separate = np.concatenate(
+    [
+      model.backbone(episode["support_images"]),
+      model.backbone(episode["query_images"]),
+    ],
+    axis=1,
+  )
   assert not np.allclose(separate, embeddings, atol=1e-3)
 
 
@@ -76,8 +86,9 @@ def test_fit_reduces_loss():
   episodes = _episodes(4)
   dataset = tf.data.Dataset.from_tensor_slices(episodes).batch(2)
   model = _conv4_model(weight_decay=5e-4)
-  model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9,
-                                               nesterov=True))
+  model.compile(
+    optimizer=keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True)
+  )
   before = model.evaluate(dataset, return_dict=True, verbose=0)
   history = model.fit(dataset, epochs=3, shuffle=False, verbose=0).history
   after = model.evaluate(dataset, return_dict=True, verbose=0)
@@ -97,8 +108,9 @@ def test_fit_reduces_loss():
 
 def _loss_and_gradients(model, episode):
   with tf.GradientTape() as tape:
-    loss = COMLN.query_loss(episode["query_labels"],
-                            model(episode, training=True))
+    loss = COMLN.query_loss(
+      episode["query_labels"], model(episode, training=True)
+    )
   return loss, tape.gradient(loss, model.trainable_variables)
 
 
@@ -110,8 +122,10 @@ def test_gradients_reach_backbone_init_weights_and_tau():
   named = {v.path: g for v, g in zip(model.trainable_variables, gradients)}
   backbone_paths = {v.path for v in model.backbone.trainable_variables}
   assert len(backbone_paths) == 12  # 4 x (conv kernel, gamma, beta)
-  assert set(named) == backbone_paths | {model.classifier.init_weights.path,
-                                         model.classifier.log_t.path}
+  assert set(named) == backbone_paths | {
+    model.classifier.init_weights.path,
+    model.classifier.log_t.path,
+  }
   for path, gradient in named.items():
     assert gradient is not None, path
     assert np.all(np.isfinite(gradient)), path
@@ -120,10 +134,12 @@ def test_gradients_reach_backbone_init_weights_and_tau():
 
 def test_tau_and_init_weights_gradients_match_finite_differences():
   rng = np.random.default_rng(1)
-  episode = {"support_images": rng.standard_normal((2, 5, 6), np.float32),
-             "support_labels": np.tile(np.arange(5, dtype=np.int32), (2, 1)),
-             "query_images": rng.standard_normal((2, 4, 6), np.float32),
-             "query_labels": rng.integers(0, 5, (2, 4)).astype(np.int32)}
+  episode = {
+    "support_images": rng.standard_normal((2, 5, 6), np.float32),
+    "support_labels": np.tile(np.arange(5, dtype=np.int32), (2, 1)),
+    "query_images": rng.standard_normal((2, 4, 6), np.float32),
+    "query_labels": rng.integers(0, 5, (2, 4)).astype(np.int32),
+  }
   classifier = GradientFlowClassifier(5, initial_t=2.0, rtol=1e-7, atol=1e-7)
   model = COMLN("identity", classifier)
   model(episode)
@@ -140,19 +156,24 @@ def test_tau_and_init_weights_gradients_match_finite_differences():
     return loss
 
   h = 1e-2
-  for variable, index in ((classifier.log_t, ()), (classifier.init_weights,
-                                                    (1, 2))):
-    numeric = (loss_with(variable, h, index) -
-               loss_with(variable, -h, index)) / (2 * h)
+  for variable, index in (
+    (classifier.log_t, ()),
+    (classifier.init_weights, (1, 2)),
+  ):
+    numeric = (
+      loss_with(variable, h, index) - loss_with(variable, -h, index)
+    ) / (2 * h)
     analytic = gradient[variable.path].numpy()[index]
     assert analytic == pytest.approx(numeric, rel=5e-3, abs=1e-4)
 
 
 def test_weight_decay_applies_to_all_but_tau():
   weight_decay, learning_rate = 0.1, 0.5
-  model = COMLN(backbones.Conv4(filters=8),
-                GradientFlowClassifier(WAYS, initial_t=2.0),
-                weight_decay=weight_decay)
+  model = COMLN(
+    backbones.Conv4(filters=8),
+    GradientFlowClassifier(WAYS, initial_t=2.0),
+    weight_decay=weight_decay,
+  )
   model.compile(optimizer=keras.optimizers.SGD(learning_rate))
   episode = _episodes(2)
   model(episode)
@@ -162,12 +183,14 @@ def test_weight_decay_applies_to_all_but_tau():
   log_t_path = model.classifier.log_t.path
   # Decaying tau too would move it by this much: far above the tolerance.
   assert math.log(2.0) * weight_decay * learning_rate > 1e-2
-  for variable, old, gradient in zip(model.trainable_variables, before,
-                                     gradients):
+  for variable, old, gradient in zip(
+    model.trainable_variables, before, gradients
+  ):
     decay = 0.0 if variable.path == log_t_path else weight_decay * old
     expected = old - learning_rate * (gradient.numpy() + decay)
-    np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-5,
-                               atol=1e-6, err_msg=variable.path)
+    np.testing.assert_allclose(
+      variable.numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=variable.path
+    )
 
 
 def test_optimizer_weight_decay_is_refused():
@@ -179,8 +202,9 @@ def test_optimizer_weight_decay_is_refused():
 
 
 def test_save_load_round_trip(tmp_path):
-  model = COMLN("conv4", GradientFlowClassifier(WAYS, initial_t=0.5),
-                weight_decay=5e-4)
+  model = COMLN(
+    "conv4", GradientFlowClassifier(WAYS, initial_t=0.5), weight_decay=5e-4
+  )
   model.compile(optimizer=keras.optimizers.SGD(0.1))
   episode = _episodes(2)
   model.train_step(episode)  # trained weights and T differ from the init
@@ -259,8 +283,12 @@ def test_fit_under_mirrored_strategy_matches_one_device():
   # update would be twice the single-device one (and the L2 term, here
   # 0.05, counted twice).
   result = subprocess.run(
-      [sys.executable, "-c", _MIRRORED_FIT_SCRIPT, os.path.dirname(__file__)],
-      capture_output=True, text=True, timeout=300, check=False)
+    [sys.executable, "-c", _MIRRORED_FIT_SCRIPT, os.path.dirname(__file__)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   measured = json.loads(result.stdout.strip().splitlines()[-1])
   assert measured["single"] > 1e-2

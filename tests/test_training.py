@@ -17,8 +17,13 @@ from comln_tf.training import _loop
 STEPS = 16
 LR_DECAY_STEPS = 32
 RUN_ARGS = cli_helpers.TINY_ARGS + (
-    f"--steps={STEPS}", "--log_every=4", "--checkpoint_every=2",
-    "--validate_every=8", "--seed=3", f"--lr_decay_steps={LR_DECAY_STEPS}")
+  f"--config.schedule.steps={STEPS}",
+  "--config.schedule.log_every=4",
+  "--config.schedule.checkpoint_every=2",
+  "--config.schedule.validate_every=8",
+  "--config.run.seed=3",
+  f"--config.optim.lr_decay_steps={LR_DECAY_STEPS}",
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,103 +33,198 @@ def reference_run(tmp_path_factory):
   Its log is model_dir/../train.log.
   """
   model_dir = tmp_path_factory.mktemp("reference") / "run"
-  result = cli_helpers.run("launch.train",
-                           (f"--model_dir={model_dir}",) + RUN_ARGS,
-                           timeout=240)
+  result = cli_helpers.run(
+    "launch.train", (f"--model_dir={model_dir}",) + RUN_ARGS, timeout=240
+  )
   (model_dir.parent / "train.log").write_text(result.stderr)
   assert result.returncode == 0, result.stderr[-3000:]
   return model_dir
 
 
-def test_make_config_names_the_bad_flag():
-  assert training.make_config() == {**training.DEFAULTS}
-  for overrides, flag in [({"ways": 1}, "--ways"),
-                          ({"learning_rate": 0.0}, "--learning_rate"),
-                          ({"label_smoothing": 1.0}, "--label_smoothing"),
-                          ({"solver": "euler"}, "--solver_steps"),
-                          ({"method": "magic"}, "--method"),
-                          ({"devices": ["/cpu:0"]}, "--devices"),
-                          ({"jit_compile": True, "method": "backprop"},
-                           "--jit_compile"),
-                          ({"tasks_per_solve": 0}, "--tasks_per_solve"),
-                          ({"lr_decay_steps": 0}, "--lr_decay_steps"),
-                          ({"clip_norm": 0.0}, "--clip_norm"),
-                          ({"jit_compile": True, "tasks_per_solve": 4},
-                           "--tasks_per_solve"),
-                          ({"train_on_validation": True},
-                           "--train_on_validation .*--validate_every=0"),
-                          ({"backbone": "identity", "global_pool": True},
-                           "--global_pool"),
-                          ({"backbone": "resnet12", "pool_last_block": False},
-                           "--nopool_last_block"),
-                          ({"downsample": "avg_pool"}, "--downsample"),
-                          ({"backbone": "resnet12", "downsample": "stride"},
-                           "--downsample"),
-                          ({"downsample": "stride", "pool_last_block": False},
-                           "--nopool_last_block")]:
-    with pytest.raises(training.ConfigError, match=flag):
-      training.make_config(**overrides)
-  with pytest.raises(training.ConfigError, match="Unknown configuration"):
-    training.make_config(wayz=5)
+def test_make_config_names_the_bad_field():
+  assert training.flatten(training.make_config()) == training.flatten(
+    training.default_config()
+  )
+  for overrides, field in [
+    ({"data.ways": 1}, "config.data.ways"),
+    ({"optim.learning_rate": 0.0}, "config.optim.learning_rate"),
+    ({"adaptation.label_smoothing": 1.0}, "config.adaptation.label_smoothing"),
+    ({"adaptation.solver": "euler"}, "config.adaptation.solver_steps"),
+    ({"adaptation.method": "magic"}, "config.adaptation.method"),
+    ({"adaptation.solver": "magic"}, "config.adaptation.solver"),
+    ({"model.backbone": "magic"}, "config.model.backbone"),
+    ({"data.dataset": "magic"}, "config.data.dataset"),
+    ({"data.class_sampling": "magic"}, "config.data.class_sampling"),
+    ({"data.affine.scale": 1.0}, "config.data.affine.scale"),
+    ({"run.devices": ["/cpu:0"]}, "config.run.devices"),
+    (
+      {"adaptation.jit_compile": True, "adaptation.method": "backprop"},
+      "config.adaptation.jit_compile",
+    ),
+    ({"adaptation.tasks_per_solve": 0}, "config.adaptation.tasks_per_solve"),
+    ({"optim.lr_decay_steps": 0}, "config.optim.lr_decay_steps"),
+    ({"optim.clip_norm": 0.0}, "config.optim.clip_norm"),
+    ({"optim.weight_decay": -1.0}, "config.optim.weight_decay"),
+    (
+      {"adaptation.jit_compile": True, "adaptation.tasks_per_solve": 4},
+      "config.adaptation.tasks_per_solve",
+    ),
+    (
+      {"data.train_on_validation": True},
+      "config.data.train_on_validation .*config.schedule.validate_every=0",
+    ),
+    (
+      {"model.backbone": "identity", "model.global_pool": True},
+      "config.model.global_pool",
+    ),
+    (
+      {"model.backbone": "resnet12", "model.pool_last_block": False},
+      "config.model.pool_last_block",
+    ),
+    ({"model.downsample": "avg_pool"}, "config.model.downsample"),
+    (
+      {"model.backbone": "resnet12", "model.downsample": "stride"},
+      "config.model.downsample",
+    ),
+    (
+      {"model.downsample": "stride", "model.pool_last_block": False},
+      "config.model.pool_last_block",
+    ),
+    ({"data.ways": "five"}, "config.data.ways"),
+    ({"data.wayz": 5}, "config.data.wayz"),
+  ]:
+    with pytest.raises(training.ConfigError, match=field):
+      training.make_config(overrides)
 
 
 def test_train_on_validation_reaches_the_training_data():
-  config = training.make_config(dataset="omniglot_characters", rotations=True,
-                                train_on_validation=True, validate_every=0)
+  config = training.make_config(
+    {
+      "data.dataset": "omniglot_characters",
+      "data.rotations": True,
+      "data.train_on_validation": True,
+      "schedule.validate_every": 0,
+    }
+  )
   splits = _loop.load_splits(config)
   plain = data.load_splits("omniglot_characters")
   assert splits.train.num_classes == 4 * (
-      plain.train.num_classes + plain.validation.num_classes)
+    plain.train.num_classes + plain.validation.num_classes
+  )
   assert {f"{name}/rot0" for name in plain.validation.class_names} <= set(
-      splits.train.class_names)
+    splits.train.class_names
+  )
 
 
-def test_check_resume_names_differing_flags_and_allows_resumable_ones(
-    tmp_path):
-  saved = training.make_config(example_shape=[28, 28, 1])
-  training.check_resume(saved, {**saved, "steps": 10, "strategy": "mirrored"},
-                        "dir")
+def test_check_resume_names_differing_fields_and_allows_resumable_ones(
+  tmp_path,
+):
+  saved = training.make_config({"data.example_shape": [28, 28, 1]})
+  training.check_resume(
+    saved,
+    training.updated(saved, {"schedule.steps": 10, "run.strategy": "mirrored"}),
+    "dir",
+  )
+  # A new config does not know its example shape yet.
+  training.check_resume(saved, training.make_config(), "dir")
   with pytest.raises(training.ConfigError) as error:
-    training.check_resume(saved, {**saved, "ways": 20, "seed": 1}, "dir")
-  assert "--ways=20" in str(error.value) and "--seed=1" in str(error.value)
-  assert "--steps" not in str(error.value)
-  # A run saved before a flag existed ran with its default.
-  training.save_config(str(tmp_path), {
-      key: value for key, value in saved.items() if key != "train_t"})
+    training.check_resume(
+      saved, training.updated(saved, {"data.ways": 20, "run.seed": 1}), "dir"
+    )
+  assert "config.data.ways=20 (saved run: 5)" in str(error.value)
+  assert "config.run.seed=1" in str(error.value)
+  assert "steps" not in str(error.value)
+  # A run saved before a field existed ran with its default.
+  values = saved.to_dict()
+  del values["model"]["train_t"]
+  (tmp_path / "config.json").write_text(json.dumps(values))
   older = training.load_config(str(tmp_path))
   training.check_resume(older, saved, "dir")
-  with pytest.raises(training.ConfigError, match="--train_t=False"):
-    training.check_resume(older, {**saved, "train_t": False}, "dir")
+  with pytest.raises(training.ConfigError, match="config.model.train_t=False"):
+    training.check_resume(
+      older, training.updated(saved, {"model.train_t": False}), "dir"
+    )
+
+
+def test_config_json_round_trips_and_reads_flat_files(tmp_path):
+  config = training.make_config(
+    {
+      "data.ways": 20,
+      "optim.clip_norm": 2.0,
+      "run.devices": ["/cpu:0"],
+      "run.strategy": "mirrored",
+      "data.example_shape": [28, 28, 1],
+    }
+  )
+  training.save_config(str(tmp_path), config)
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["data"]["ways"] == 20 and saved["optim"]["clip_norm"] == 2.0
+  assert training.flatten(training.load_config(str(tmp_path))) == (
+    training.flatten(config)
+  )
+  # Runs of older versions saved flat files, keyed by the field's name.
+  flat = {
+    "ways": 20,
+    "clip_norm": 2.0,
+    "devices": ["/cpu:0"],
+    "strategy": "mirrored",
+    "example_shape": [28, 28, 1],
+    "affine_shear": 0.0,
+  }
+  assert training.flatten(training.from_json(flat)) == training.flatten(config)
+  with pytest.raises(training.ConfigError, match="wayz"):
+    training.from_json({"wayz": 20})
 
 
 def test_smoke_training_loss_falls_and_beats_chance(reference_run):
   config = training.load_config(reference_run)
-  assert config["example_shape"] == [28, 28, 1]
-  assert config["steps"] == STEPS and config["ways"] == 5
+  assert list(config.data.example_shape) == [28, 28, 1]
+  assert config.schedule.steps == STEPS and config.data.ways == 5
   scalars = cli_helpers.scalars(reference_run / "train")
-  assert set(scalars) == {"loss", "accuracy", "t_final", "num_evals",
-                          "grad_norm", "episodes_per_second", "learning_rate"}
+  assert set(scalars) == {
+    "loss",
+    "accuracy",
+    "t_final",
+    "num_evals",
+    "grad_norm",
+    "episodes_per_second",
+    "learning_rate",
+  }
   assert [step for step, _ in scalars["loss"]] == [4, 8, 12, 16]
   # Cosine decay from 0.1: the rate the next step will use.
   for step, value in scalars["learning_rate"]:
     np.testing.assert_allclose(
-        value, 0.05 * (1 + np.cos(np.pi * step / LR_DECAY_STEPS)), rtol=1e-6)
+      value, 0.05 * (1 + np.cos(np.pi * step / LR_DECAY_STEPS)), rtol=1e-6
+    )
   losses = [value for _, value in scalars["loss"]]
   assert losses[-1] < losses[0] - 0.3, losses
   assert all(value > 0 for _, value in scalars["num_evals"])
   # Off a terminal, progress is one log line per window, with an ETA.
   log = (reference_run.parent / "train.log").read_text()
-  assert re.search(r"Step 4/16: loss [\d.]+, accuracy [\d.]+, .* ETA "
-                   r"\d+:\d\d:\d\d", log), log[-3000:]
-  assert [step for step, _ in cli_helpers.scalars(reference_run / "validation")[
-      "accuracy"]] == [8, 16]
+  assert re.search(
+    r"Step 4/16: loss [\d.]+, accuracy [\d.]+, .* ETA "
+    r"\d+:\d\d:\d\d",
+    log,
+  ), log[-3000:]
+  assert [
+    step
+    for step, _ in cli_helpers.scalars(reference_run / "validation")["accuracy"]
+  ] == [8, 16]
   assert training.checkpoint_step(training.checkpoint_path(reference_run)) == (
-      STEPS)
+    STEPS
+  )
 
   model, _ = training.restore_model(reference_run, which="best")
   splits = data.load_splits("omniglot")
-  results = evaluation.evaluate(model, splits.test, ways=5, shots=1,
-                                queries=5, num_episodes=20, batch_size=10)
+  results = evaluation.evaluate(
+    model,
+    splits.test,
+    ways=5,
+    shots=1,
+    queries=5,
+    num_episodes=20,
+    batch_size=10,
+  )
   # Chance is 0.2; over 500 queries its standard deviation is 0.018.
   assert results["accuracy"] > 0.3, results
 
@@ -133,29 +233,48 @@ def test_smoke_training_loss_falls_and_beats_chance(reference_run):
 def test_train_step_logs_the_gradient_norm_and_clips_it(clip_fraction):
   # Plain SGD with lr 1: a step moves the variables by -(clipped gradient).
   config = training.make_config(
-      ways=3, shots=1, queries=2, optimizer="sgd", momentum=0.0,
-      learning_rate=1.0, weight_decay=0.0, example_shape=[28, 28, 1])
+    {
+      "data.ways": 3,
+      "data.shots": 1,
+      "data.queries": 2,
+      "optim.optimizer": "sgd",
+      "optim.momentum": 0.0,
+      "optim.learning_rate": 1.0,
+      "optim.weight_decay": 0.0,
+      "data.example_shape": [28, 28, 1],
+    }
+  )
   splits = data.load_splits("omniglot")
-  batch = next(iter(data.eval_episodes(splits.validation, ways=3, shots=1,
-                                       queries=2, seed=0,
-                                       num_episodes=2).batch(2)))
+  batch = next(
+    iter(
+      data.eval_episodes(
+        splits.validation, ways=3, shots=1, queries=2, seed=0, num_episodes=2
+      ).batch(2)
+    )
+  )
   model = training.build_model(config)
   optimizer = training.build_optimizer(config, model)
   variables = model.trainable_variables
   # The reference gradient: the mean query loss, taped directly.
   with tf.GradientTape() as tape:
-    loss = model.query_loss(batch["query_labels"],
-                            model(batch, training=True))
+    loss = model.query_loss(batch["query_labels"], model(batch, training=True))
   gradients = tape.gradient(loss, variables)
   norm = float(tf.linalg.global_norm(gradients))
   clip_norm = None if clip_fraction is None else clip_fraction * norm
   before = [v.numpy() for v in variables]
-  totals = {name: tf.Variable(0.0) for name in
-            ("loss", "accuracy", "num_evals", "grad_norm", "steps")}
+  totals = {
+    name: tf.Variable(0.0)
+    for name in ("loss", "accuracy", "num_evals", "grad_norm", "steps")
+  }
   step = tf.Variable(0, dtype=tf.int64)
   train_step = training.make_train_step(
-      model, optimizer, step, tf.distribute.get_strategy(), totals,
-      clip_norm=clip_norm)
+    model,
+    optimizer,
+    step,
+    tf.distribute.get_strategy(),
+    totals,
+    clip_norm=clip_norm,
+  )
   train_step(iter(tf.data.Dataset.from_tensors(batch)))
   np.testing.assert_allclose(totals["grad_norm"].numpy(), norm, rtol=1e-5)
   scale = 1.0 if clip_fraction is None else clip_fraction
@@ -164,7 +283,8 @@ def test_train_step_logs_the_gradient_norm_and_clips_it(clip_fraction):
     # Relative to the whole update: float32 traced and eager gradients
     # differ by ~1e-6 relative, elementwise more where they cancel.
     assert np.linalg.norm(old - value.numpy() - expected) <= (
-        1e-4 * np.linalg.norm(expected)), value.name
+      1e-4 * np.linalg.norm(expected)
+    ), value.name
 
 
 def test_restore_model_restores_every_weight(reference_run):
@@ -175,8 +295,8 @@ def test_restore_model_restores_every_weight(reference_run):
   assert len(model.variables) == 14
   for i, variable in enumerate(model.variables):
     np.testing.assert_array_equal(
-        variable.numpy(),
-        saved[f"model_variables/{i}/.ATTRIBUTES/VARIABLE_VALUE"])
+      variable.numpy(), saved[f"model_variables/{i}/.ATTRIBUTES/VARIABLE_VALUE"]
+    )
 
 
 def test_restore_model_errors_name_the_model_dir(tmp_path, reference_run):
@@ -188,12 +308,16 @@ def test_restore_model_errors_name_the_model_dir(tmp_path, reference_run):
 
 
 def test_restart_after_sigkill_ends_like_an_uninterrupted_run(
-    tmp_path, reference_run, processes):
+  tmp_path, reference_run, processes
+):
   model_dir = tmp_path / "killed"
   args = (f"--model_dir={model_dir}",) + RUN_ARGS
   first = processes.start("first", "launch.train", args)
-  cli_helpers.wait_until(lambda: cli_helpers.latest_step(model_dir) >= 4,
-                         timeout=180, processes=[first])
+  cli_helpers.wait_until(
+    lambda: cli_helpers.latest_step(model_dir) >= 4,
+    timeout=180,
+    processes=[first],
+  )
   first.send_signal(signal.SIGKILL)
   assert processes.wait(first, 30) == -signal.SIGKILL
   killed_at = cli_helpers.latest_step(model_dir)
@@ -213,18 +337,31 @@ def test_restart_after_sigkill_ends_like_an_uninterrupted_run(
     cli_helpers.assert_same_values(actual, reference)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--dataset=mnist"], "--dataset=mnist"),
-    (["--data_dir=/nonexistent/omniglot"], "--data_dir=/nonexistent/omniglot"),
-    (["--ways=1000"], "--ways=1000"),
-    (["--shots=10", "--queries=15"], "--queries=15"),
-    (["--solver=rk4"], "--solver_steps"),
-])
-def test_cli_rejects_bad_flags_before_training(tmp_path, args, message):
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["--config.data.dataset=mnist"], "config.data.dataset must be one of"),
+    (
+      ["--config.data.data_dir=/nonexistent/omniglot"],
+      "config.data.data_dir='/nonexistent/omniglot'",
+    ),
+    (["--config.data.ways=1000"], "config.data.ways=1000"),
+    (
+      ["--config.data.shots=10", "--config.data.queries=15"],
+      "config.data.queries=15",
+    ),
+    (["--config.adaptation.solver=rk4"], "config.adaptation.solver_steps"),
+    (["--config.data.wayz=5"], "unknown config field 'wayz'"),
+  ],
+)
+def test_cli_rejects_bad_config_before_training(tmp_path, args, message):
   model_dir = tmp_path / "run"
-  result = cli_helpers.run("launch.train",
-                           [f"--model_dir={model_dir}", "--noprogress"] + args,
-                           timeout=120)
+  result = cli_helpers.run(
+    "launch.train",
+    [f"--model_dir={model_dir}", "--config=configs/base.py", "--noprogress"]
+    + args,
+    timeout=120,
+  )
   assert result.returncode != 0
   assert message in result.stderr
   assert "Traceback" not in result.stderr
@@ -236,73 +373,132 @@ def test_cli_stops_a_diverging_run_before_saving_it(tmp_path):
   # training loop's check, a diverged run would go on with NaN weights.
   model_dir = tmp_path / "run"
   result = cli_helpers.run(
-      "launch.train", (f"--model_dir={model_dir}",) + cli_helpers.TINY_ARGS + (
-          "--steps=4", "--log_every=1", "--checkpoint_every=1",
-          "--learning_rate=1e4", "--max_solver_steps=50", "--jit_compile"),
-      timeout=240)
+    "launch.train",
+    (f"--model_dir={model_dir}",)
+    + cli_helpers.TINY_ARGS
+    + (
+      "--config.schedule.steps=4",
+      "--config.schedule.log_every=1",
+      "--config.schedule.checkpoint_every=1",
+      "--config.optim.learning_rate=1e4",
+      "--config.adaptation.max_solver_steps=50",
+      "--config.adaptation.jit_compile=True",
+    ),
+    timeout=240,
+  )
   assert result.returncode == 1, result.stderr[-3000:]
   assert "error: Meta-training diverged between steps 1 and 1" in (
-      result.stderr), result.stderr[-3000:]
-  assert "--clip_norm" in result.stderr
+    result.stderr
+  ), result.stderr[-3000:]
+  assert "config.optim.clip_norm" in result.stderr
   assert tf.train.latest_checkpoint(str(model_dir)) is None
 
 
-def test_cli_refuses_to_resume_with_other_flags(reference_run):
+def test_cli_refuses_to_resume_with_other_config(reference_run):
   before = (reference_run / "config.json").read_text()
-  args = [f"--model_dir={reference_run}"] + [
-      arg for arg in RUN_ARGS if not arg.startswith("--ways")] + ["--ways=4"]
+  args = (
+    [f"--model_dir={reference_run}"]
+    + [arg for arg in RUN_ARGS if not arg.startswith("--config.data.ways")]
+    + ["--config.data.ways=4"]
+  )
   result = cli_helpers.run("launch.train", args, timeout=120)
   assert result.returncode != 0
-  assert "--ways=4 (saved run: 5)" in result.stderr
+  assert "config.data.ways=4 (saved run: 5)" in result.stderr
   assert "Traceback" not in result.stderr
   assert (reference_run / "config.json").read_text() == before
-  assert json.loads(before)["ways"] == 5
+  assert json.loads(before)["data"]["ways"] == 5
+
+
+def test_cli_resumes_from_the_saved_config_alone(reference_run):
+  # No --config: the run's config.json, read back, is the configuration.
+  result = cli_helpers.run(
+    "launch.train", [f"--model_dir={reference_run}"], timeout=120
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"Nothing to do: the run is at step {STEPS}" in result.stderr
+  dry = cli_helpers.run(
+    "launch.train",
+    ["--config=configs/base.py", "--config.data.ways=7", "--dry_run"],
+    timeout=120,
+  )
+  assert dry.returncode == 0, dry.stderr[-3000:]
+  assert json.loads(dry.stdout)["data"]["ways"] == 7
 
 
 def test_init_from_starts_from_the_best_model_with_a_fresh_optimizer(
-    tmp_path, reference_run):
+  tmp_path, reference_run
+):
   # One step at a learning rate of 1e-12 leaves the float32 weights where
   # they started: those of the reference run's best checkpoint, not the
   # seed's initial weights (the same seed as the reference run).
   model_dir = tmp_path / "warm"
-  args = [f"--model_dir={model_dir}", f"--init_from={reference_run}",
-          "--steps=1", "--validate_every=0", "--learning_rate=1e-12",
-          "--seed=3"] + list(cli_helpers.TINY_ARGS)
+  args = (
+    [f"--model_dir={model_dir}"]
+    + list(cli_helpers.TINY_ARGS)
+    + [
+      f"--config.run.init_from={reference_run}",
+      "--config.schedule.steps=1",
+      "--config.schedule.validate_every=0",
+      "--config.optim.learning_rate=1e-12",
+      "--config.run.seed=3",
+    ]
+  )
   result = cli_helpers.run("launch.train", args, timeout=240)
   assert result.returncode == 0, result.stderr[-3000:]
   best = training.checkpoint_path(str(reference_run), "best")
   assert f"Initialized the model from {best}" in result.stderr
-  assert training.load_config(model_dir)["init_from"] == str(reference_run)
+  assert training.load_config(model_dir).run.init_from == str(reference_run)
   actual = cli_helpers.model_values(training.checkpoint_path(str(model_dir)))
   expected = cli_helpers.model_values(best)
   assert actual.pop("step/.ATTRIBUTES/VARIABLE_VALUE") == 1
   expected.pop("step/.ATTRIBUTES/VARIABLE_VALUE")
   cli_helpers.assert_same_values(actual, expected, rtol=1e-6)
-  iterations = [value for name, value in cli_helpers.checkpoint_values(
-      training.checkpoint_path(str(model_dir))).items()
-                if name.startswith("optimizer/_iterations")]
+  iterations = [
+    value
+    for name, value in cli_helpers.checkpoint_values(
+      training.checkpoint_path(str(model_dir))
+    ).items()
+    if name.startswith("optimizer/_iterations")
+  ]
   assert iterations == [1]
   # That run did not validate, so it has no best checkpoint: a run
   # initialized from it starts from its latest.
-  args = [f"--model_dir={tmp_path / 'warm2'}", f"--init_from={model_dir}",
-          "--steps=1", "--validate_every=0"] + list(cli_helpers.TINY_ARGS)
+  args = (
+    [f"--model_dir={tmp_path / 'warm2'}"]
+    + list(cli_helpers.TINY_ARGS)
+    + [
+      f"--config.run.init_from={model_dir}",
+      "--config.schedule.steps=1",
+      "--config.schedule.validate_every=0",
+    ]
+  )
   result = cli_helpers.run("launch.train", args, timeout=240)
   assert result.returncode == 0, result.stderr[-3000:]
   latest = training.checkpoint_path(str(model_dir), "latest")
   assert f"Initialized the model from {latest}" in result.stderr
 
 
-def test_init_from_errors_name_the_flag(tmp_path, reference_run):
+def test_init_from_errors_name_the_field(tmp_path, reference_run):
   for extra, message in [
-      ([f"--init_from={tmp_path}/nothing"],
-       f"--init_from={tmp_path}/nothing: No config.json"),
-      ([f"--init_from={reference_run}", "--ways=4"],
-       f"--init_from={reference_run} holds a model of another architecture: "
-       f"--ways=4 (there: 5)"),
-      ([f"--init_from={reference_run}", "--global_pool",
-        "--nopool_last_block"],
-       "--global_pool=True (there: False); --pool_last_block=False (there: "
-       "True)")]:
+    (
+      [f"--config.run.init_from={tmp_path}/nothing"],
+      f"config.run.init_from='{tmp_path}/nothing': No config.json",
+    ),
+    (
+      [f"--config.run.init_from={reference_run}", "--config.data.ways=4"],
+      f"config.run.init_from='{reference_run}' holds a model of another "
+      f"architecture: config.data.ways=4 (there: 5)",
+    ),
+    (
+      [
+        f"--config.run.init_from={reference_run}",
+        "--config.model.global_pool=True",
+        "--config.model.pool_last_block=False",
+      ],
+      "config.model.global_pool=True (there: False); "
+      "config.model.pool_last_block=False (there: True)",
+    ),
+  ]:
     model_dir = tmp_path / "run"
     args = [f"--model_dir={model_dir}"] + list(cli_helpers.TINY_ARGS) + extra
     result = cli_helpers.run("launch.train", args, timeout=120)
@@ -312,25 +508,40 @@ def test_init_from_errors_name_the_flag(tmp_path, reference_run):
     assert not (model_dir / "config.json").exists()
 
 
-def test_notrain_t_keeps_t_at_initial_t_with_init_from(tmp_path,
-                                                       reference_run):
+def test_notrain_t_keeps_t_at_initial_t_with_init_from(tmp_path, reference_run):
   # The reference run learned its T from 1; this run starts from its model
   # but must hold T at exactly 2.5 while the other weights train.
   model_dir = tmp_path / "fixed_t"
-  args = [f"--model_dir={model_dir}", f"--init_from={reference_run}",
-          "--notrain_t", "--initial_t=2.5", "--steps=2",
-          "--validate_every=0", "--seed=3"] + list(cli_helpers.TINY_ARGS)
+  args = (
+    [f"--model_dir={model_dir}"]
+    + list(cli_helpers.TINY_ARGS)
+    + [
+      f"--config.run.init_from={reference_run}",
+      "--config.model.train_t=False",
+      "--config.model.initial_t=2.5",
+      "--config.schedule.steps=2",
+      "--config.schedule.validate_every=0",
+      "--config.run.seed=3",
+    ]
+  )
   result = cli_helpers.run("launch.train", args, timeout=240)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "(T 2.5, fixed)" in result.stderr
   reference = cli_helpers.model_values(
-      training.checkpoint_path(str(reference_run), "best"))
+    training.checkpoint_path(str(reference_run), "best")
+  )
   actual = cli_helpers.model_values(training.checkpoint_path(str(model_dir)))
   # The only scalar of the model is log T.
-  [log_t] = [name for name, value in reference.items()
-             if np.shape(value) == () and name.startswith("model_variables")]
+  [log_t] = [
+    name
+    for name, value in reference.items()
+    if np.shape(value) == () and name.startswith("model_variables")
+  ]
   assert abs(np.exp(reference[log_t]) - 2.5) > 1e-3
   assert actual[log_t] == np.float32(np.log(2.5))
-  trained = [name for name in reference if name != log_t and
-             np.any(actual[name] != reference[name])]
+  trained = [
+    name
+    for name in reference
+    if name != log_t and np.any(actual[name] != reference[name])
+  ]
   assert trained, "no weight changed in two steps"

@@ -15,6 +15,10 @@ Public API:
     strategy.distribute_datasets_from_function.
   eval_episodes: a fixed, seeded, finite set of evaluation episodes.
   check_episode_args: validate ways / shots / queries against a class set.
+  CLASS_SAMPLING: how episodes draw their classes ("uniform", or
+    "within_alphabet": all N classes from one alphabet, as Lake et al.).
+  AffineDistortion, affine_transform_images: random affine distortions of
+    training images (Koch et al. 2015).
 
 Example:
   splits = load_splits("omniglot", rotations=True)
@@ -25,6 +29,9 @@ Example:
 
 from comln_tf.data._classes import ClassSet
 from comln_tf.data._classes import Splits
+from comln_tf.data._episodes import AffineDistortion
+from comln_tf.data._episodes import CLASS_SAMPLING
+from comln_tf.data._episodes import affine_transform_images
 from comln_tf.data._episodes import check_episode_args
 from comln_tf.data._episodes import distributed_meta_batches
 from comln_tf.data._episodes import eval_episodes
@@ -37,9 +44,19 @@ from comln_tf.data._sources import available_sources
 from comln_tf.data._sources import load_splits
 
 __all__ = [
-    "ClassSet", "Splits", "check_episode_args", "distributed_meta_batches",
-    "eval_episodes", "meta_batches", "OMNIGLOT_CHARACTER_SPLIT",
-    "OMNIGLOT_VALIDATION_ALPHABETS", "VINYALS_TEST_ALPHABETS",
-    "VINYALS_VALIDATION_ALPHABETS",
-    "available_sources", "load_splits",
+  "AffineDistortion",
+  "CLASS_SAMPLING",
+  "affine_transform_images",
+  "ClassSet",
+  "Splits",
+  "check_episode_args",
+  "distributed_meta_batches",
+  "eval_episodes",
+  "meta_batches",
+  "OMNIGLOT_CHARACTER_SPLIT",
+  "OMNIGLOT_VALIDATION_ALPHABETS",
+  "VINYALS_TEST_ALPHABETS",
+  "VINYALS_VALIDATION_ALPHABETS",
+  "available_sources",
+  "load_splits",
 ]

@@ -3,15 +3,18 @@
 Public API:
   train: meta-train (or resume) a run in a model_dir; DivergedError: it
     stopped because the loss, gradient norm or T became non-finite.
-  make_config, validate_config, DEFAULTS, ConfigError: run configurations
-    (flat dicts keyed by the flags of launch/train.py).
-  load_config, save_config: model_dir/config.json.
-  build_model, build_optimizer: a COMLN and its optimizer from a config.
+  default_config, make_config, validate_config, ConfigError: run
+    configurations (ml_collections ConfigDicts in groups data, model,
+    adaptation, optim, schedule, run; see `default_config`).
+  load_config, save_config, check_resume, RESUMABLE_FIELDS:
+    model_dir/config.json and what a resumed run may change.
+  make_backbone, make_classifier, make_comln, build_model, build_optimizer:
+    the components of a config (unbuilt), a built COMLN and its optimizer.
   restore_model, model_from_checkpoint, checkpoint_path, checkpoint_step,
-    make_checkpoint: a trained model from a model_dir (latest or best
-    checkpoint).
-  evaluate_run: the test protocol on a model_dir (accuracy, 95% interval,
-    JSON).
+    make_checkpoint, CHECKPOINTS: a trained model from a model_dir (best,
+    latest, or "auto": the best if the run has one, else the latest).
+  evaluate_run, evaluation_model: the test protocol on a model_dir
+    (accuracy, 95% interval, JSON), and the model it evaluates.
   make_strategy, is_chief: tf.distribute set-up.
   load_splits, check_episodes, load_data, prepare_run, make_train_step:
     the parts of `train`.
@@ -24,30 +27,35 @@ model with `restore_model` (or `make_checkpoint(model).restore(path)`):
 `tf.train.Checkpoint(model=model)` alone misses the backbone's weights.
 
 Example:
-  config = make_config(ways=5, shots=1, steps=1000, rotations=True)
+  config = make_config({"data.ways": 5, "data.rotations": True,
+                        "schedule.steps": 1000})
   train(config, "runs/omniglot_5w1s")
-  model, config = restore_model("runs/omniglot_5w1s", which="best")
+  model, config = restore_model("runs/omniglot_5w1s", which="auto")
 """
 
-from comln_tf.training._config import BACKBONES
 from comln_tf.training._config import CONFIG_FILE
 from comln_tf.training._config import ConfigError
-from comln_tf.training._config import DATASETS
-from comln_tf.training._config import DEFAULTS
-from comln_tf.training._config import DOWNSAMPLING
-from comln_tf.training._config import METHODS
+from comln_tf.training._config import DERIVED_FIELDS
 from comln_tf.training._config import OPTIMIZERS
-from comln_tf.training._config import RESUMABLE_KEYS
-from comln_tf.training._config import SOLVERS
+from comln_tf.training._config import RESUMABLE_FIELDS
 from comln_tf.training._config import STRATEGIES
 from comln_tf.training._config import check_resume
+from comln_tf.training._config import default_config
+from comln_tf.training._config import flatten
+from comln_tf.training._config import from_json
+from comln_tf.training._config import get_field
 from comln_tf.training._config import load_config
+from comln_tf.training._config import make_backbone
+from comln_tf.training._config import make_classifier
+from comln_tf.training._config import make_comln
 from comln_tf.training._config import make_config
 from comln_tf.training._config import save_config
+from comln_tf.training._config import updated
 from comln_tf.training._config import validate_config
 from comln_tf.training._distribute import is_chief
 from comln_tf.training._distribute import make_strategy
 from comln_tf.training._evaluate import evaluate_run
+from comln_tf.training._evaluate import evaluation_model
 from comln_tf.training._loop import DivergedError
 from comln_tf.training._loop import check_episodes
 from comln_tf.training._loop import load_data
@@ -56,6 +64,7 @@ from comln_tf.training._loop import make_train_step
 from comln_tf.training._loop import prepare_run
 from comln_tf.training._loop import train
 from comln_tf.training._models import BEST_DIR
+from comln_tf.training._models import CHECKPOINTS
 from comln_tf.training._models import build_model
 from comln_tf.training._models import build_optimizer
 from comln_tf.training._models import checkpoint_path
@@ -65,14 +74,43 @@ from comln_tf.training._models import model_from_checkpoint
 from comln_tf.training._models import restore_model
 
 __all__ = [
-    "BACKBONES", "BEST_DIR", "CONFIG_FILE", "ConfigError", "DATASETS",
-    "DEFAULTS", "DOWNSAMPLING", "DivergedError", "METHODS", "OPTIMIZERS",
-    "RESUMABLE_KEYS", "SOLVERS",
-    "STRATEGIES", "build_model", "build_optimizer", "check_resume",
-    "check_episodes", "checkpoint_path", "checkpoint_step", "evaluate_run",
-    "is_chief", "load_config", "load_data", "load_splits", "make_checkpoint",
-    "make_config",
-    "make_strategy", "make_train_step", "model_from_checkpoint",
-    "prepare_run", "restore_model", "save_config", "train",
-    "validate_config",
+  "BEST_DIR",
+  "CHECKPOINTS",
+  "CONFIG_FILE",
+  "ConfigError",
+  "DERIVED_FIELDS",
+  "DivergedError",
+  "OPTIMIZERS",
+  "RESUMABLE_FIELDS",
+  "STRATEGIES",
+  "build_model",
+  "build_optimizer",
+  "check_episodes",
+  "check_resume",
+  "checkpoint_path",
+  "checkpoint_step",
+  "default_config",
+  "evaluate_run",
+  "evaluation_model",
+  "flatten",
+  "from_json",
+  "get_field",
+  "is_chief",
+  "load_config",
+  "load_data",
+  "load_splits",
+  "make_backbone",
+  "make_checkpoint",
+  "make_classifier",
+  "make_comln",
+  "make_config",
+  "make_strategy",
+  "make_train_step",
+  "model_from_checkpoint",
+  "prepare_run",
+  "restore_model",
+  "save_config",
+  "train",
+  "updated",
+  "validate_config",
 ]

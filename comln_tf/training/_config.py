@@ -1,290 +1,570 @@
-"""Run configurations: defaults, validation, saving and resume checks.
+"""Run configurations: the schema, validation, saving and resume checks.
 
-A configuration is a flat dict whose keys are the flags of
-`launch/train.py` (same names, same defaults), plus `example_shape`, which
-training adds once the data is loaded. It is saved as `model_dir/config.json`
-so that a model can be rebuilt from its model_dir alone.
+A configuration is an `ml_collections.ConfigDict` whose groups follow the
+architecture:
+
+  data: the dataset and its episodes (N ways, k shots, queries, meta-batch,
+    how classes are drawn, distortions of training images).
+  model: the backbone and the classifier's starting point (W0, T).
+  adaptation: the ODE solve of each task and its meta-gradient.
+  optim: the meta-optimizer.
+  schedule: steps, validation, logs and checkpoints.
+  run: seed, initialization from another run, distribution.
+
+`default_config()` is the schema with its defaults; the experiment files in
+`configs/` start from it. Training adds `data.example_shape` once the data
+is loaded and saves the resolved configuration as `model_dir/config.json`,
+so that a run can be rebuilt, evaluated or resumed from its model_dir alone.
+
+Each choice is checked by the component that owns it (the data sources,
+backbones, gradient methods and solvers check their own names and values):
+`validate_config` builds the components without weights, and names the
+configuration fields behind any error.
 """
 
 import json
 import math
 import os
+import re
+from typing import Any, Mapping, Optional
 
+import keras
+import ml_collections
+from ml_collections import config_dict
 import tensorflow as tf
 
 from comln_tf import backbones
 from comln_tf import data
 from comln_tf import evaluation
+from comln_tf.layers import GradientFlowClassifier
+from comln_tf.model import COMLN
 
 CONFIG_FILE = "config.json"
 
-DATASETS = data.available_sources()
-BACKBONES = ("conv4", "resnet12", "identity")
-DOWNSAMPLING = backbones.CONV4_DOWNSAMPLING
-METHODS = ("forward", "backprop", "adjoint")
-SOLVERS = ("dopri5", "rk4", "euler")
+# The meta-optimizers `build_optimizer` makes, and the tf.distribute
+# strategies `make_strategy` makes (both read these).
 OPTIMIZERS = ("sgd", "adam")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
-DEFAULTS = {
-    # Data.
-    "dataset": "omniglot",
-    "data_dir": None,
-    "image_size": None,
-    "rotations": False,
-    # Train on the train and validation classes together (a final training,
-    # as Snell et al. 2017); needs validate_every=0.
-    "train_on_validation": False,
-    "ways": 5,
-    "shots": 1,
-    "queries": 15,
-    "meta_batch_size": 16,
-    # Model.
-    "backbone": "conv4",
-    # Average the backbone's last feature map over space (d = its channels)
-    # instead of flattening it.
-    "global_pool": False,
-    # Conv-4 only: max-pool after the fourth block too. False with
-    # global_pool averages its whole map (at 28x28 the pooling keeps the
-    # top-left 2x2 of the 3x3 map), as MAML's Omniglot Conv-4 does.
-    "pool_last_block": True,
-    # Conv-4 only: how each block halves its map, "max_pool" (the paper's)
-    # or "stride" (stride-2 convolutions: MAML's Omniglot Conv-4, with
-    # global_pool).
-    "downsample": "max_pool",
-    "initial_t": 1.0,
-    # Meta-learn T. False: T stays at initial_t for the whole run, also with
-    # init_from (the loaded run's T is replaced).
-    "train_t": True,
-    "tie_init_rows": False,
-    "label_smoothing": 0.0,
-    "method": "forward",
-    "solver": "dopri5",
-    "rtol": 1e-5,
-    "atol": 1e-5,
-    "solver_steps": None,
-    "max_solver_steps": 10_000,
-    # XLA-compile the adaptation (training and validation only; exports
-    # stay XLA-free so that any TensorFlow Serving build can load them).
-    "jit_compile": False,
-    # Solve the tasks of a replica's batch in groups (None: all at once).
-    "tasks_per_solve": None,
-    # Optimization (the authors': SGD, Nesterov momentum 0.9, lr 0.1).
-    "optimizer": "sgd",
-    "learning_rate": 0.1,
-    # Cosine decay of the learning rate to 0 over this many steps (None:
-    # constant). Separate from `steps`, which a resumed run may change.
-    "lr_decay_steps": None,
-    # Scale the meta-gradient down to this global norm when it is larger
-    # (None: no clipping).
-    "clip_norm": None,
-    "momentum": 0.9,
-    "nesterov": True,
-    "weight_decay": 5e-4,
-    "seed": 0,
-    # Start from the model of another run's best checkpoint (its model_dir;
-    # the latest if that run did not validate); the optimizer, schedule and
-    # step start fresh (None: new weights).
-    "init_from": None,
-    # Validation (picks the best checkpoint; 0 disables it).
-    "validate_every": 500,
-    "validation_episodes": 200,
-    # How the run is carried out: these may change when a run is resumed.
-    "steps": 2000,
-    "log_every": 10,
-    "checkpoint_every": 100,
-    "keep_checkpoints": 3,
-    "strategy": "default",
-    "devices": None,
-    "tpu": None,
-}
+# Fields that do not change what a run computes, so a resumed run may change
+# them (more steps; another strategy: replicas give the same result; XLA or
+# not, tasks solved in groups or not: the same computation, carried out
+# differently).
+RESUMABLE_FIELDS = frozenset(
+  {
+    "schedule.steps",
+    "schedule.log_every",
+    "schedule.checkpoint_every",
+    "schedule.keep_checkpoints",
+    "run.strategy",
+    "run.devices",
+    "run.tpu",
+    "adaptation.jit_compile",
+    "adaptation.tasks_per_solve",
+  }
+)
 
-# Keys that do not change what a run computes, so a resumed run may change
-# them (e.g. more steps, another strategy: replicas give the same result;
-# XLA or not, tasks solved in groups or not: the same computation, carried
-# out differently).
-RESUMABLE_KEYS = frozenset({
-    "steps", "log_every", "checkpoint_every", "keep_checkpoints", "strategy",
-    "devices", "tpu", "jit_compile", "tasks_per_solve",
-})
-
-_HELP_HINT = ("Pass the flags of the saved run to resume it, or use a new "
-              "--model_dir")
+# Set by training from the data, not by the user.
+DERIVED_FIELDS = frozenset({"data.example_shape"})
 
 
 class ConfigError(ValueError):
-  """A bad configuration; the message names the flag(s) at fault."""
+  """A bad configuration; the message names the field(s) at fault."""
 
 
-def _check_choice(config, key, choices):
-  if config[key] not in choices:
-    raise ConfigError(f"--{key} must be one of {', '.join(choices)}; got "
-                      f"{config[key]!r}.")
+def default_config() -> ml_collections.ConfigDict:
+  """The configuration schema with its default values (locked: no new keys).
+
+  Fields whose default is None are typed placeholders, so that they can be
+  set from the command line (`--config.optim.clip_norm=2`).
+  """
+  placeholder = config_dict.placeholder
+  config = ml_collections.ConfigDict()
+
+  config.data = d = ml_collections.ConfigDict()
+  d.dataset = "omniglot"  # One of comln_tf.data.available_sources().
+  # The dataset's files (for omniglot: a TFDS data dir; default
+  # $TFDS_DATA_DIR).
+  d.data_dir = placeholder(str)
+  d.image_size = placeholder(int)  # None: the dataset's (28 for omniglot).
+  # Add the 90/180/270-degree rotations of every training class as classes.
+  d.rotations = False
+  # Train on the train and validation classes together (a final training,
+  # as Snell et al. 2017); needs schedule.validate_every=0.
+  d.train_on_validation = False
+  d.ways = 5
+  d.shots = 1
+  d.queries = 15  # Per class.
+  d.meta_batch_size = 16  # Episodes per step, over all replicas.
+  # How episodes (training and validation) draw their classes: one of
+  # comln_tf.data.CLASS_SAMPLING.
+  d.class_sampling = "uniform"
+  # Random affine distortions of training images (0: none); see
+  # comln_tf.data.AffineDistortion.
+  d.affine = ml_collections.ConfigDict()
+  d.affine.rotation_degrees = 0.0
+  d.affine.shear = 0.0
+  d.affine.scale = 0.0
+  d.affine.translation_pixels = 0.0
+  # Shape of one example, [H, W, C] or [d]: set by training.
+  d.example_shape = placeholder(list)
+
+  config.model = m = ml_collections.ConfigDict()
+  m.backbone = "conv4"  # One of the names of comln_tf.backbones.
+  # Average the backbone's last feature map over space (d = its channels)
+  # instead of flattening it.
+  m.global_pool = False
+  # Conv-4: max-pool after the fourth block too. False with global_pool
+  # averages its whole map (at 28x28 the pooling keeps the top-left 2x2 of
+  # the 3x3 map), as MAML's Omniglot Conv-4 does.
+  m.pool_last_block = True
+  # Conv-4: how each block halves its map, "max_pool" (the paper's) or
+  # "stride" (with global_pool: MAML's Omniglot Conv-4).
+  m.downsample = "max_pool"
+  m.initial_t = 1.0
+  # Meta-learn T. False: T stays at initial_t for the whole run, also with
+  # run.init_from (the loaded run's T is replaced).
+  m.train_t = True
+  # One shared initial row of W0: the model adapts to any number of ways.
+  m.tie_init_rows = False
+
+  config.adaptation = a = ml_collections.ConfigDict()
+  a.method = "forward"  # Meta-gradients; see comln_tf.GradientFlowClassifier.
+  a.solver = "dopri5"  # The ODE solver.
+  a.rtol = 1e-5  # Tolerances of the adaptive solvers.
+  a.atol = 1e-5
+  a.solver_steps = placeholder(int)  # Steps of the fixed-step solvers.
+  a.max_solver_steps = 10_000  # Most steps of a solve before it fails.
+  # XLA-compile the adaptation (training and validation only; exports stay
+  # XLA-free so that any TensorFlow Serving build can load them).
+  a.jit_compile = False
+  # Solve the tasks of a replica's batch in groups (None: all at once).
+  a.tasks_per_solve = placeholder(int)
+  a.label_smoothing = 0.0  # Of the support labels.
+
+  # The authors' optimizer: SGD, Nesterov momentum 0.9, lr 0.1.
+  config.optim = o = ml_collections.ConfigDict()
+  o.optimizer = "sgd"  # One of OPTIMIZERS.
+  o.learning_rate = 0.1
+  # Cosine decay of the learning rate to 0 over this many steps (None:
+  # constant). Apart from schedule.steps, which a resumed run may change.
+  o.lr_decay_steps = placeholder(int)
+  # Scale the meta-gradient (summed over replicas) down to this global norm
+  # when it is larger (None: no clipping).
+  o.clip_norm = placeholder(float)
+  o.momentum = 0.9
+  o.nesterov = True
+  o.weight_decay = 5e-4  # L2 on the backbone and W0, never on T.
+
+  config.schedule = s = ml_collections.ConfigDict()
+  s.steps = 2000  # Meta-training steps in total.
+  # Steps between validations, which pick the best checkpoint (0: never).
+  s.validate_every = 500
+  s.validation_episodes = 200
+  s.log_every = 10
+  s.checkpoint_every = 100
+  s.keep_checkpoints = 3
+
+  config.run = r = ml_collections.ConfigDict()
+  r.seed = 0  # Of the initial weights and of the training episodes.
+  # Start from the model of another run (its model_dir): its best
+  # checkpoint, or its latest if it has none; the optimizer, schedule and
+  # step start fresh (None: new weights).
+  r.init_from = placeholder(str)
+  r.strategy = "default"  # One of STRATEGIES.
+  # Devices of the mirrored strategy, e.g. ["/cpu:0", "/cpu:1"] (None: all
+  # local GPUs).
+  r.devices = placeholder(tuple)
+  r.tpu = placeholder(str)  # TPU name or address ("local" on a TPU VM).
+  config.lock()
+  return config
 
 
-def _check_int(config, key, minimum, optional=False):
-  value = config[key]
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict:
+  """{"group.field": value} of a (nested) configuration."""
+  if isinstance(config, ml_collections.ConfigDict):
+    config = config.to_dict()
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, Mapping):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def get_field(config: ml_collections.ConfigDict, path: str) -> Any:
+  """The value of field `path` ("group.field") of `config`."""
+  for key in path.split("."):
+    config = config[key]
+  return config
+
+
+def _field(path, value):
+  return f"config.{path}={value!r}"
+
+
+def _check_int(config, path, minimum, optional=False):
+  value = get_field(config, path)
   if optional and value is None:
     return
   if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ConfigError(f"--{key} must be an integer >= {minimum}; got "
-                      f"{value!r}.")
+    raise ConfigError(
+      f"config.{path} must be an integer >= {minimum}"
+      f"{' or None' if optional else ''}; got {value!r}."
+    )
 
 
-def _check_float(config, key, low, high=math.inf, low_open=True):
-  value = config[key]
-  number = not isinstance(value, bool) and isinstance(value, (int, float))
-  if not number or not (value > low if low_open else value >= low) or (
-      not value < high):
-    interval = f"{'(' if low_open else '['}{low}, {high})"
-    raise ConfigError(f"--{key} must be a number in {interval}; got "
-                      f"{value!r}.")
+def _check_positive(config, path, optional=False):
+  value = get_field(config, path)
+  if optional and value is None:
+    return
+  if (
+    isinstance(value, bool)
+    or not isinstance(value, (int, float))
+    or not 0 < value < math.inf
+  ):
+    raise ConfigError(
+      f"config.{path} must be a finite number > 0"
+      f"{' or None' if optional else ''}; got {value!r}."
+    )
 
 
-def validate_config(config):
-  """Checks every value of a configuration.
+def _check_choice(config, path, choices):
+  value = get_field(config, path)
+  if value not in choices:
+    raise ConfigError(
+      f"config.{path} must be one of {', '.join(choices)}; got {value!r}."
+    )
+
+
+# The fields behind each component's arguments: an error a component raises
+# naming an argument is reported with the field it came from.
+_BACKBONE_FIELDS = {
+  "backbone": "model.backbone",
+  "global_pool": "model.global_pool",
+  "pool_last_block": "model.pool_last_block",
+  "downsample": "model.downsample",
+}
+_CLASSIFIER_FIELDS = {
+  "num_ways": "data.ways",
+  "tie_init_rows": "model.tie_init_rows",
+  "initial_t": "model.initial_t",
+  "train_t": "model.train_t",
+  "method": "adaptation.method",
+  "solver": "adaptation.solver",
+  "rtol": "adaptation.rtol",
+  "atol": "adaptation.atol",
+  "max_steps": "adaptation.max_solver_steps",
+  "num_steps": "adaptation.solver_steps",
+  "label_smoothing": "adaptation.label_smoothing",
+  "jit_compile": "adaptation.jit_compile",
+  "tasks_per_solve": "adaptation.tasks_per_solve",
+}
+_DISTORTION_FIELDS = {
+  "rotation_degrees": "data.affine.rotation_degrees",
+  "shear": "data.affine.shear",
+  "scale": "data.affine.scale",
+  "translation_pixels": "data.affine.translation_pixels",
+}
+_MODEL_FIELDS = {"weight_decay": "optim.weight_decay"}
+
+
+def _building(config, fields, build):
+  """`build()`, its ValueError re-raised as a ConfigError naming fields.
+
+  The fields named are those whose component argument the message names
+  (all of `fields` if it names none).
+  """
+  try:
+    return build()
+  except (ValueError, TypeError) as error:
+    named = [
+      path
+      for argument, path in fields.items()
+      if re.search(rf"\b{argument}\b", str(error))
+    ] or list(fields.values())
+    raise ConfigError(
+      f"{', '.join(_field(path, get_field(config, path)) for path in named)}"
+      f": {error}"
+    ) from error
+
+
+def make_backbone(config: ml_collections.ConfigDict) -> keras.layers.Layer:
+  """The configured backbone layer (model group), unbuilt.
+
+  Pooling options are passed only when set away from their defaults, so
+  that a backbone without such an option refuses it by name.
+  """
+  defaults = default_config().model
+  options = {
+    name: config.model[name]
+    for name in ("global_pool", "pool_last_block", "downsample")
+    if config.model[name] != defaults[name]
+  }
+  return _building(
+    config,
+    _BACKBONE_FIELDS,
+    lambda: backbones.get_backbone(config.model.backbone, **options),
+  )
+
+
+def make_classifier(
+  config: ml_collections.ConfigDict, jit_compile: bool = False
+) -> GradientFlowClassifier:
+  """The configured GradientFlowClassifier (model and adaptation), unbuilt.
 
   Args:
-    config: dict with the keys of DEFAULTS (and optionally example_shape).
+    config: a configuration.
+    jit_compile: XLA-compile the adaptation (off for exported models).
+  """
+  model, adaptation = config.model, config.adaptation
+  return _building(
+    config,
+    _CLASSIFIER_FIELDS,
+    lambda: GradientFlowClassifier(
+      # Tied initial rows do not depend on the number of ways, so the model
+      # can adapt to tasks with any number of ways.
+      num_ways=None if model.tie_init_rows else config.data.ways,
+      initial_t=model.initial_t,
+      train_t=model.train_t,
+      method=adaptation.method,
+      solver=adaptation.solver,
+      rtol=adaptation.rtol,
+      atol=adaptation.atol,
+      max_steps=adaptation.max_solver_steps,
+      num_steps=adaptation.solver_steps,
+      label_smoothing=adaptation.label_smoothing,
+      tie_init_rows=model.tie_init_rows,
+      jit_compile=jit_compile,
+      tasks_per_solve=adaptation.tasks_per_solve,
+    ),
+  )
+
+
+def make_comln(
+  config: ml_collections.ConfigDict, jit_compile: bool = False
+) -> COMLN:
+  """The configured COMLN (backbone, classifier, weight decay), unbuilt."""
+  backbone = make_backbone(config)
+  classifier = make_classifier(config, jit_compile=jit_compile)
+  return _building(
+    config,
+    _MODEL_FIELDS,
+    lambda: COMLN(backbone, classifier, weight_decay=config.optim.weight_decay),
+  )
+
+
+def distortion(config: ml_collections.ConfigDict) -> data.AffineDistortion:
+  """The run's data.AffineDistortion of training images (data.affine)."""
+  return _building(
+    config,
+    _DISTORTION_FIELDS,
+    lambda: data.AffineDistortion(**config.data.affine.to_dict()),
+  )
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks a configuration: its fields, and its components built dry.
+
+  Args:
+    config: a configuration with the fields of `default_config()`.
 
   Raises:
-    ConfigError: naming the flag of the first bad value.
+    ConfigError: naming the field(s) of the first bad value.
   """
-  for key, choices in (("dataset", DATASETS), ("backbone", BACKBONES),
-                       ("downsample", DOWNSAMPLING), ("method", METHODS),
-                       ("solver", SOLVERS), ("optimizer", OPTIMIZERS),
-                       ("strategy", STRATEGIES)):
-    _check_choice(config, key, choices)
-  for key, minimum in (("ways", 2), ("shots", 1), ("queries", 1),
-                       ("meta_batch_size", 1), ("max_solver_steps", 1),
-                       ("seed", 0), ("validate_every", 0),
-                       ("validation_episodes", 1), ("steps", 1),
-                       ("log_every", 1), ("checkpoint_every", 1),
-                       ("keep_checkpoints", 1)):
-    _check_int(config, key, minimum)
-  _check_int(config, "image_size", 1, optional=True)
-  _check_int(config, "solver_steps", 1, optional=True)
-  _check_int(config, "tasks_per_solve", 1, optional=True)
-  _check_int(config, "lr_decay_steps", 1, optional=True)
-  if config["solver"] != "dopri5" and config["solver_steps"] is None:
-    raise ConfigError(f"--solver={config['solver']} is a fixed-step solver: "
-                      f"it needs --solver_steps.")
-  for key in ("initial_t", "rtol", "atol", "learning_rate"):
-    _check_float(config, key, 0.0)
-  if config.get("clip_norm") is not None:
-    _check_float(config, "clip_norm", 0.0)
-  _check_float(config, "momentum", 0.0, 1.0, low_open=False)
-  _check_float(config, "weight_decay", 0.0, low_open=False)
-  _check_float(config, "label_smoothing", 0.0, 1.0, low_open=False)
-  if config["backbone"] == "identity" and config["global_pool"]:
-    raise ConfigError("--global_pool needs --backbone=conv4 or resnet12 (the "
-                      "identity backbone has no feature map to pool).")
-  if config["backbone"] != "conv4" and not config["pool_last_block"]:
-    raise ConfigError(f"--nopool_last_block is for --backbone=conv4 only; got "
-                      f"--backbone={config['backbone']}.")
-  if config["downsample"] != "max_pool" and config["backbone"] != "conv4":
-    raise ConfigError(f"--downsample is for --backbone=conv4 only; got "
-                      f"--backbone={config['backbone']}.")
-  if config["downsample"] == "stride" and not config["pool_last_block"]:
-    raise ConfigError("--nopool_last_block is for --downsample=max_pool "
-                      "(strided blocks do not pool).")
-  if config["jit_compile"] and config["method"] == "backprop":
-    raise ConfigError("--jit_compile needs --method=forward or adjoint (the "
-                      "gradient of --method=backprop runs back through the "
-                      "solver loop, which cannot leave an XLA function).")
-  if config["jit_compile"] and config["tasks_per_solve"] is not None:
-    raise ConfigError("--jit_compile and --tasks_per_solve cannot be combined "
-                      "(the gradient of the grouped solve cannot leave an XLA "
-                      "function); use one of them.")
-  if config["init_from"] is not None and not (
-      isinstance(config["init_from"], str) and config["init_from"]):
-    raise ConfigError(f"--init_from must be the model_dir of a training run; "
-                      f"got {config['init_from']!r}.")
-  if config["train_on_validation"] and config["validate_every"]:
+  unknown = sorted(set(flatten(config)) ^ set(flatten(default_config())))
+  if unknown:
     raise ConfigError(
-        f"--train_on_validation trains on the validation classes, so "
-        f"validation cannot pick the best checkpoint: use --validate_every=0 "
-        f"(got {config['validate_every']}) and evaluate the latest "
-        f"checkpoint (launch.evaluate --checkpoint=latest).")
-  if config["devices"] and config["strategy"] != "mirrored":
-    raise ConfigError(f"--devices is for --strategy=mirrored only; got "
-                      f"--strategy={config['strategy']}.")
-  if config["tpu"] and config["strategy"] != "tpu":
-    raise ConfigError(f"--tpu is for --strategy=tpu only; got "
-                      f"--strategy={config['strategy']}.")
+      f"Unknown or missing configuration fields: {', '.join(unknown)}."
+    )
+  _check_choice(config, "data.dataset", data.available_sources())
+  _check_choice(config, "data.class_sampling", data.CLASS_SAMPLING)
+  _check_choice(config, "optim.optimizer", OPTIMIZERS)
+  _check_choice(config, "run.strategy", STRATEGIES)
+  for path, minimum in (
+    ("data.ways", 2),
+    ("data.shots", 1),
+    ("data.queries", 1),
+    ("data.meta_batch_size", 1),
+    ("adaptation.max_solver_steps", 1),
+    ("run.seed", 0),
+    ("schedule.steps", 1),
+    ("schedule.validate_every", 0),
+    ("schedule.validation_episodes", 1),
+    ("schedule.log_every", 1),
+    ("schedule.checkpoint_every", 1),
+    ("schedule.keep_checkpoints", 1),
+  ):
+    _check_int(config, path, minimum)
+  for path in (
+    "data.image_size",
+    "adaptation.solver_steps",
+    "adaptation.tasks_per_solve",
+    "optim.lr_decay_steps",
+  ):
+    _check_int(config, path, 1, optional=True)
+  _check_positive(config, "optim.learning_rate")
+  _check_positive(config, "optim.clip_norm", optional=True)
+  momentum = config.optim.momentum
+  if isinstance(momentum, bool) or not 0 <= momentum <= 1:
+    raise ConfigError(
+      f"config.optim.momentum must be a number in [0, 1]; got {momentum!r}."
+    )
+  init_from = config.run.init_from
+  if init_from is not None and not (isinstance(init_from, str) and init_from):
+    raise ConfigError(
+      f"config.run.init_from must be the model_dir of a "
+      f"training run or None; got {init_from!r}."
+    )
+  if config.data.train_on_validation and config.schedule.validate_every:
+    raise ConfigError(
+      f"config.data.train_on_validation trains on the validation classes, "
+      f"so validation cannot pick the best checkpoint: set "
+      f"config.schedule.validate_every=0 (got "
+      f"{config.schedule.validate_every}); the latest checkpoint is the "
+      f"run's model."
+    )
+  if config.run.devices and config.run.strategy != "mirrored":
+    raise ConfigError(
+      f"config.run.devices is for config.run.strategy="
+      f"'mirrored' only; got {config.run.strategy!r}."
+    )
+  if config.run.tpu and config.run.strategy != "tpu":
+    raise ConfigError(
+      f"config.run.tpu is for config.run.strategy='tpu' "
+      f"only; got {config.run.strategy!r}."
+    )
+  distortion(config)
+  make_comln(config, jit_compile=config.adaptation.jit_compile)
 
 
-def make_config(**overrides):
-  """A validated configuration: DEFAULTS updated with `overrides`.
+def _merged(
+  values: Mapping[str, Any], config: Optional[ml_collections.ConfigDict] = None
+) -> ml_collections.ConfigDict:
+  """`config` (default: the defaults) with the flat `values` set."""
+  config = default_config() if config is None else config
+  for path, value in values.items():
+    parent, _, key = path.rpartition(".")
+    try:
+      group = get_field(config, parent) if parent else config
+      if not isinstance(group, ml_collections.ConfigDict) or key not in group:
+        raise KeyError(path)
+      group[key] = value
+    except KeyError as error:
+      raise ConfigError(f"Unknown configuration field config.{path}.") from (
+        error
+      )
+    except TypeError as error:
+      raise ConfigError(f"config.{path}={value!r}: {error}") from error
+  return config
+
+
+def make_config(
+  overrides: Optional[Mapping[str, Any]] = None,
+  base: Optional[Mapping[str, Any]] = None,
+) -> ml_collections.ConfigDict:
+  """A validated configuration: `base` with `overrides`, over the defaults.
 
   Args:
-    **overrides: values of DEFAULTS' keys (and optionally example_shape).
+    overrides: {"group.field": value}, e.g. {"data.ways": 20}.
+    base: a (nested) configuration, e.g. an experiment file's
+      `get_config()`; fields it lacks keep their defaults.
 
   Returns:
-    dict, a new configuration.
+    A new, locked ConfigDict with the fields of `default_config()`.
 
   Raises:
-    ConfigError: unknown key or bad value.
+    ConfigError: an unknown field or a bad value, named.
   """
-  unknown = sorted(set(overrides) - set(DEFAULTS) - {"example_shape"})
-  if unknown:
-    raise ConfigError(f"Unknown configuration keys: {', '.join(unknown)}.")
-  config = {**DEFAULTS, **overrides}
-  if config["devices"] is not None:
-    config["devices"] = list(config["devices"])
+  config = _merged({**flatten(base or {}), **(overrides or {})})
   validate_config(config)
   return config
 
 
-def save_config(model_dir, config):
-  """Writes `config` to model_dir/config.json (atomically).
+def save_config(model_dir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes `config` to model_dir/config.json as nested JSON (atomically)."""
+  evaluation.write_json(os.path.join(model_dir, CONFIG_FILE), config.to_dict())
 
-  Args:
-    model_dir: str, the run's directory (created if needed).
-    config: dict, a configuration (JSON-serializable values).
+
+def _legacy_paths():
+  """{flat key of older config.json files: field path}: "ways": "data.ways",
+  "affine_shear": "data.affine.shear"."""
+  return {
+    path.split(".", 1)[1].replace(".", "_"): path
+    for path in flatten(default_config())
+  }
+
+
+def from_json(value: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """The configuration of a config.json's content (not validated).
+
+  Fields missing from it (added to the schema after the run was saved) get
+  their defaults, which are what the run used. The flat files of older
+  versions (keys named as the fields, without their group) are read too.
+
+  Raises:
+    ConfigError: a field the schema does not have.
   """
-  evaluation.write_json(os.path.join(model_dir, CONFIG_FILE), config)
+  if value and not any(isinstance(item, Mapping) for item in value.values()):
+    legacy = _legacy_paths()
+    unknown = sorted(set(value) - set(legacy))
+    if unknown:
+      raise ConfigError(f"Unknown configuration keys: {', '.join(unknown)}.")
+    return _merged({legacy[key]: item for key, item in value.items()})
+  return _merged(flatten(value))
 
 
-def load_config(model_dir):
-  """The configuration saved in model_dir/config.json.
-
-  Args:
-    model_dir: str, a run's directory.
-
-  Returns:
-    dict, the saved configuration; keys added to DEFAULTS after the run was
-    saved get their defaults, which are what the run used.
+def load_config(model_dir: str) -> ml_collections.ConfigDict:
+  """The configuration saved in model_dir/config.json (see `from_json`).
 
   Raises:
     FileNotFoundError: no config.json in model_dir.
   """
   path = os.path.join(model_dir, CONFIG_FILE)
   if not tf.io.gfile.exists(path):
-    raise FileNotFoundError(f"No {CONFIG_FILE} in model_dir {model_dir!r}: "
-                            f"not the model_dir of a training run.")
+    raise FileNotFoundError(
+      f"No {CONFIG_FILE} in model_dir {model_dir!r}: "
+      f"not the model_dir of a training run."
+    )
   with tf.io.gfile.GFile(path) as f:
-    return {**DEFAULTS, **json.load(f)}
+    return from_json(json.load(f))
 
 
-def check_resume(saved, config, model_dir):
+def check_resume(
+  saved: ml_collections.ConfigDict,
+  config: ml_collections.ConfigDict,
+  model_dir: str,
+) -> None:
   """Raises unless `config` may continue the run saved with `saved`.
 
-  Args:
-    saved: dict, the configuration in model_dir/config.json.
-    config: dict, the configuration of the new run.
-    model_dir: str, for the message.
+  Fields in RESUMABLE_FIELDS may differ, and DERIVED_FIELDS that `config`
+  does not set yet.
 
   Raises:
-    ConfigError: naming every flag that differs (except RESUMABLE_KEYS).
+    ConfigError: naming every other field that differs.
   """
+  saved_values, values = flatten(saved), flatten(config)
   differences = [
-      f"--{key}={config.get(key)!r} (saved run: {saved.get(key)!r})"
-      for key in sorted(set(saved) | set(config))
-      if key not in RESUMABLE_KEYS and key in config and
-      saved.get(key) != config.get(key)
+    f"{_field(path, values[path])} (saved run: {saved_values[path]!r})"
+    for path in sorted(values)
+    if path not in RESUMABLE_FIELDS
+    and saved_values[path] != values[path]
+    and not (path in DERIVED_FIELDS and values[path] is None)
   ]
   if differences:
     raise ConfigError(
-        f"model_dir {model_dir!r} holds a run with other settings; "
-        f"differing flags: {'; '.join(differences)}. {_HELP_HINT}.")
+      f"model_dir {model_dir!r} holds a run with other settings; "
+      f"differing fields: {'; '.join(differences)}. Resume it with its "
+      f"saved configuration, or use a new model_dir."
+    )
+
+
+def updated(
+  config: ml_collections.ConfigDict, values: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
+  """A copy of `config` with the fields {"group.field": value} set.
+
+  Not validated (e.g. for data.example_shape, which training sets).
+  """
+  return _merged({**flatten(config), **values})

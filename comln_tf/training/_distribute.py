@@ -6,6 +6,7 @@ import re
 
 import tensorflow as tf
 
+from comln_tf.training import _config
 from comln_tf.training._config import ConfigError
 
 _CPU_DEVICE = re.compile(r"^/(?:device:)?cpu:(\d+)$", re.IGNORECASE)
@@ -33,11 +34,14 @@ def _configure_logical_cpus(devices):
     return
   try:
     tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * wanted)
+      cpu, [tf.config.LogicalDeviceConfiguration()] * wanted
+    )
   except RuntimeError as error:
     raise ConfigError(
-        f"--devices={','.join(devices)} needs {wanted} logical CPU devices, "
-        f"but TensorFlow is already initialized: {error}") from error
+      f"config.run.devices={list(devices)!r} needs {wanted} logical CPU "
+      f"devices, "
+      f"but TensorFlow is already initialized: {error}"
+    ) from error
 
 
 def make_strategy(name, devices=None, tpu=None):
@@ -68,14 +72,20 @@ def make_strategy(name, devices=None, tpu=None):
     return tf.distribute.MirroredStrategy(devices or None)
   if name == "multi_worker":
     if not os.environ.get("TF_CONFIG"):
-      raise ConfigError("--strategy=multi_worker needs the TF_CONFIG "
-                        "environment variable (cluster and task of this "
-                        "worker).")
+      raise ConfigError(
+        "config.run.strategy='multi_worker' needs the "
+        "TF_CONFIG "
+        "environment variable (cluster and task of this "
+        "worker)."
+      )
     try:
       json.loads(os.environ["TF_CONFIG"])
     except ValueError as error:
-      raise ConfigError(f"--strategy=multi_worker: TF_CONFIG is not valid "
-                        f"JSON: {error}") from error
+      raise ConfigError(
+        f"config.run.strategy='multi_worker': TF_CONFIG is "
+        f"not valid "
+        f"JSON: {error}"
+      ) from error
     return tf.distribute.MultiWorkerMirroredStrategy()
   if name == "tpu":
     try:
@@ -84,11 +94,16 @@ def make_strategy(name, devices=None, tpu=None):
       tf.tpu.experimental.initialize_tpu_system(resolver)
     except (ValueError, RuntimeError, tf.errors.OpError) as error:
       first_line = str(error).strip().splitlines()[0]
-      raise ConfigError(f"--strategy=tpu: no TPU available (--tpu={tpu!r}): "
-                        f"{first_line}") from error
+      raise ConfigError(
+        f"config.run.strategy='tpu': no TPU available "
+        f"(config.run.tpu={tpu!r}): "
+        f"{first_line}"
+      ) from error
     return tf.distribute.TPUStrategy(resolver)
-  raise ConfigError(f"--strategy must be one of default, mirrored, "
-                    f"multi_worker, tpu; got {name!r}.")
+  raise ConfigError(
+    f"config.run.strategy must be one of "
+    f"{', '.join(_config.STRATEGIES)}; got {name!r}."
+  )
 
 
 def is_chief(strategy):
@@ -116,5 +131,6 @@ def worker_dir(directory, strategy):
   """
   if is_chief(strategy):
     return directory
-  return os.path.join(directory,
-                      f"workertemp_{strategy.cluster_resolver.task_id}")
+  return os.path.join(
+    directory, f"workertemp_{strategy.cluster_resolver.task_id}"
+  )

@@ -10,39 +10,120 @@ from comln_tf.training import _loop
 from comln_tf.training import _models
 from comln_tf.training._config import ConfigError
 from comln_tf.training._config import load_config
+from comln_tf.training._config import updated
 
 SPLITS = ("test", "validation")
 
 
-def default_output(model_dir, which, split, ways, shots, queries,
-                   t_final=None, rotate_classes=False, classifier="comln"):
+DEFAULT_EPISODES = 1000
+
+
+def default_output(
+  model_dir,
+  which,
+  split,
+  ways,
+  shots,
+  queries,
+  t_final=None,
+  rotate_classes=False,
+  classifier="comln",
+  class_sampling="uniform",
+  seed=evaluation.TEST_SEED,
+  num_episodes=DEFAULT_EPISODES,
+):
   """model_dir/evaluation_<split>_<which>_<ways>w<shots>s<queries>q.json.
 
-  With t_final, "_t<t_final>" before ".json"; then with rotate_classes,
-  "_rotated"; then with classifier="prototypes", "_prototypes".
+  With class_sampling="within_alphabet", "_within_alphabet" before
+  ".json"; then with t_final, "_t<t_final>"; then with rotate_classes,
+  "_rotated"; then with classifier="prototypes", "_prototypes"; then with
+  another seed than the standard test set's, "_seed<seed>"; then with
+  another number of episodes than 1,000, "_<num_episodes>ep". So an
+  evaluation on other episodes never overwrites the standard result.
   """
-  suffix = "" if t_final is None else f"_t{t_final:g}"
+  suffix = "" if class_sampling == "uniform" else f"_{class_sampling}"
+  suffix += "" if t_final is None else f"_t{t_final:g}"
   suffix += "_rotated" if rotate_classes else ""
   suffix += "" if classifier == "comln" else f"_{classifier}"
+  suffix += "" if seed == evaluation.TEST_SEED else f"_seed{seed}"
+  suffix += "" if num_episodes == DEFAULT_EPISODES else f"_{num_episodes}ep"
   return os.path.join(
-      model_dir,
-      f"evaluation_{split}_{which}_{ways}w{shots}s{queries}q{suffix}.json")
+    model_dir,
+    f"evaluation_{split}_{which}_{ways}w{shots}s{queries}q{suffix}.json",
+  )
 
 
-def evaluate_run(model_dir, *, which="best", split="test", num_episodes=1000,
-                 seed=evaluation.TEST_SEED, ways=None, shots=None,
-                 queries=None, batch_size=None, data_dir=None, output=None,
-                 t_final=None, rotate_classes=False, classifier="comln"):
+def evaluation_model(model_dir, which="auto"):
+  """The model `evaluate_run` evaluates, restored from a run's checkpoint.
+
+  Args:
+    model_dir: str, the run's directory.
+    which: "auto", "best" or "latest" (see `checkpoint_path`).
+
+  Returns:
+    (COMLN, the run's configuration, checkpoint path, "best" or "latest":
+    the checkpoint used, its step).
+
+  Raises:
+    ConfigError: naming model_dir and which: no run, no such checkpoint,
+      or a checkpoint not written by training.
+  """
+  if which not in _models.CHECKPOINTS:
+    raise ConfigError(
+      f"which (the checkpoint) must be one of "
+      f"{', '.join(_models.CHECKPOINTS)}; got {which!r}."
+    )
+  try:
+    config = load_config(model_dir)
+    path = _models.checkpoint_path(model_dir, which)
+    # At once: a live run may replace its best or old checkpoints.
+    step = _models.checkpoint_step(path)
+    model = _models.model_from_checkpoint(
+      config, path, jit_compile=config.adaptation.jit_compile
+    )
+  except (FileNotFoundError, ValueError, tf.errors.NotFoundError) as error:
+    raise ConfigError(
+      f"model_dir={model_dir!r}, which={which!r}: {error}"
+    ) from error
+  kind = (
+    "best"
+    if os.path.normpath(os.path.dirname(path))
+    == os.path.normpath(os.path.join(model_dir, _models.BEST_DIR))
+    else "latest"
+  )
+  return model, config, path, kind, step
+
+
+def evaluate_run(
+  model_dir,
+  *,
+  which="auto",
+  split="test",
+  num_episodes=1000,
+  seed=evaluation.TEST_SEED,
+  ways=None,
+  shots=None,
+  queries=None,
+  batch_size=None,
+  data_dir=None,
+  output=None,
+  t_final=None,
+  rotate_classes=False,
+  classifier="comln",
+  class_sampling=None,
+):
   """Evaluates a run's checkpoint on fixed episodes and writes the JSON.
 
   Args:
     model_dir: str, the run's directory.
-    which: "best" or "latest" checkpoint.
+    which: "auto" (the best checkpoint if the run has one, else the
+      latest: the one `export_model` exports by default), "best" or
+      "latest".
     split: "test" or "validation" classes.
     num_episodes: number of episodes (1,000 in the paper).
     seed: seed of the episodes; the default gives the standard test set,
       the same for every run and machine.
-    ways, shots, queries: the episodes' N, k and queries per class (default:
+    ways, shots, queries: the episodes' N, k and queries per class (None:
       the training run's). Other ways need a run with tied initial rows.
     batch_size: episodes per model call (default: the run's meta-batch).
     data_dir: where the dataset is (default: the run's).
@@ -53,75 +134,111 @@ def evaluate_run(model_dir, *, which="best", split="test", num_episodes=1000,
       90 degrees (MAML's Omniglot evaluation; square images only).
     classifier: "comln" (the run's adapted classifier) or "prototypes"
       (the nearest class mean on the run's embeddings, a baseline; no T).
+    class_sampling: how episodes draw their classes, one of
+      `data.CLASS_SAMPLING` (default: the run's).
 
   Returns:
     dict: "accuracy" and "ci95" (fractions), "episodes", "ways", "shots",
     "queries", "seed", "split", "rotate_classes", "classifier",
-    "checkpoint" (its path), "step", "t_final" (the T used; None with
-    prototypes) and "output" (where the JSON was written).
+    "checkpoint" (its path), "which" ("best" or "latest": the checkpoint
+    used), "step", "t_final" (the T used; None with prototypes) and
+    "output" (where the JSON was written).
 
   Raises:
-    ConfigError: naming the flag: no run or no such checkpoint in
+    ConfigError: naming the argument: no run or no such checkpoint in
       model_dir, ways the model cannot classify, episodes the split cannot
-      make, bad split or episode count.
+      make, bad split or count.
   """
   if split not in SPLITS:
-    raise ConfigError(f"--split must be one of {', '.join(SPLITS)}; got "
-                      f"{split!r}.")
-  if which not in ("best", "latest"):
-    raise ConfigError(f"--checkpoint must be best or latest; got {which!r}.")
-  for name, value in (("episodes", num_episodes), ("batch_size", batch_size)):
-    if value is not None and (not isinstance(value, int) or value < 1):
-      raise ConfigError(f"--{name} must be an integer >= 1; got {value!r}.")
+    raise ConfigError(
+      f"split must be one of {', '.join(SPLITS)}; got {split!r}."
+    )
+  for name, value in (
+    ("num_episodes", num_episodes),
+    ("ways", ways),
+    ("shots", shots),
+    ("queries", queries),
+    ("batch_size", batch_size),
+  ):
+    # 0 is an error, not "the run's value": None is.
+    if value is not None and (
+      isinstance(value, bool) or not isinstance(value, int) or value < 1
+    ):
+      raise ConfigError(f"{name} must be an integer >= 1; got {value!r}.")
   if t_final is not None and (
-      isinstance(t_final, bool) or not isinstance(t_final, (int, float)) or
-      not 0 < t_final < math.inf):
-    raise ConfigError(f"--t_final must be a number > 0; got {t_final!r}.")
+    isinstance(t_final, bool)
+    or not isinstance(t_final, (int, float))
+    or not 0 < t_final < math.inf
+  ):
+    raise ConfigError(f"t_final must be a number > 0; got {t_final!r}.")
   try:
     evaluation.check_classifier(classifier)
   except ValueError as error:
-    raise ConfigError(f"--{error}.") from error
+    raise ConfigError(f"{error}.") from error
   if t_final is not None and classifier != "comln":
-    raise ConfigError(f"--t_final is the adaptation time of COMLN's "
-                      f"classifier; --classifier={classifier} has none.")
-  try:
-    config = load_config(model_dir)
-    path = _models.checkpoint_path(model_dir, which)
-    # At once: a live run may replace its best or old checkpoints.
-    step = _models.checkpoint_step(path)
-    model = _models.model_from_checkpoint(
-        config, path, jit_compile=config["jit_compile"])
-  except (FileNotFoundError, ValueError, tf.errors.NotFoundError) as error:
-    raise ConfigError(f"--model_dir={model_dir} --checkpoint={which}: "
-                      f"{error}") from error
+    raise ConfigError(
+      f"t_final is the adaptation time of COMLN's "
+      f"classifier; classifier={classifier!r} has none."
+    )
+  model, config, path, which, step = evaluation_model(model_dir, which)
   if t_final is not None:
     model.classifier.assign_t_final(t_final)
-  ways = ways or config["ways"]
-  shots = shots or config["shots"]
-  queries = queries or config["queries"]
-  if ways != config["ways"] and not config["tie_init_rows"]:
+  run = config.data
+  ways = run.ways if ways is None else ways
+  shots = run.shots if shots is None else shots
+  queries = run.queries if queries is None else queries
+  class_sampling = class_sampling or run.class_sampling
+  if ways != run.ways and not config.model.tie_init_rows:
     raise ConfigError(
-        f"--ways={ways}: the run was trained with --ways={config['ways']} "
-        f"and without --tie_init_rows, so its W0 has {config['ways']} rows.")
+      f"ways={ways}: the run was trained with config.data.ways={run.ways} "
+      f"and without config.model.tie_init_rows, so its W0 has {run.ways} "
+      f"rows."
+    )
   if data_dir is not None:
-    config = {**config, "data_dir": data_dir}
+    config = updated(config, {"data.data_dir": data_dir})
   class_set = getattr(_loop.load_splits(config), split)
-  _loop.check_episodes(class_set, ways, shots, queries)
+  _loop.check_episodes(class_set, ways, shots, queries, class_sampling)
   if rotate_classes:
     try:
       class_set.check_square_images("rotate_classes")
     except ValueError as error:
-      raise ConfigError(f"--rotate_classes: {error}") from error
+      raise ConfigError(f"rotate_classes: {error}") from error
   results = evaluation.evaluate(
-      model, class_set, ways=ways, shots=shots, queries=queries,
-      num_episodes=num_episodes, seed=seed,
-      batch_size=batch_size or config["meta_batch_size"],
-      rotate_classes=rotate_classes, classifier=classifier)
+    model,
+    class_set,
+    ways=ways,
+    shots=shots,
+    queries=queries,
+    num_episodes=num_episodes,
+    seed=seed,
+    batch_size=batch_size or config.data.meta_batch_size,
+    rotate_classes=rotate_classes,
+    classifier=classifier,
+    class_sampling=class_sampling,
+  )
   if not output:
-    output = default_output(model_dir, which, split, ways, shots, queries,
-                            t_final, rotate_classes, classifier)
+    output = default_output(
+      model_dir,
+      which,
+      split,
+      ways,
+      shots,
+      queries,
+      t_final,
+      rotate_classes,
+      classifier,
+      class_sampling,
+      seed,
+      num_episodes,
+    )
   t_used = float(model.classifier.t_final) if classifier == "comln" else None
-  results.update(checkpoint=path, step=step, model_dir=model_dir,
-                 t_final=t_used, output=output)
+  results.update(
+    checkpoint=path,
+    which=which,
+    step=step,
+    model_dir=model_dir,
+    t_final=t_used,
+    output=output,
+  )
   evaluation.write_json(output, results)
   return results

@@ -12,7 +12,9 @@ import datetime
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import keras
@@ -23,6 +25,7 @@ import tqdm
 
 from comln_tf import data
 from comln_tf import evaluation
+from comln_tf.training import _checkpoints
 from comln_tf.training import _config
 from comln_tf.training import _distribute
 from comln_tf.training import _models
@@ -35,8 +38,7 @@ def load_splits(config):
   """The class splits of the configured dataset.
 
   Args:
-    config: a configuration (dataset, data_dir, image_size, rotations,
-      train_on_validation).
+    config: a configuration (its data group).
 
   Returns:
     data.Splits.
@@ -46,25 +48,48 @@ def load_splits(config):
       directory, files in the wrong format...).
   """
   try:
-    return data.load_splits(config["dataset"], config["data_dir"],
-                            config["image_size"],
-                            rotations=config["rotations"],
-                            train_on_validation=config["train_on_validation"])
+    return data.load_splits(
+      config.data.dataset,
+      config.data.data_dir,
+      config.data.image_size,
+      rotations=config.data.rotations,
+      train_on_validation=config.data.train_on_validation,
+    )
   except ValueError as error:
-    raise ConfigError(
-        f"--dataset={config['dataset']} --data_dir={config['data_dir']} "
-        f"--image_size={config['image_size']} --rotations="
-        f"{config['rotations']} --train_on_validation="
-        f"{config['train_on_validation']}: {error}") from error
+    fields = ", ".join(
+      f"config.data.{name}={config.data[name]!r}"
+      for name in (
+        "dataset",
+        "data_dir",
+        "image_size",
+        "rotations",
+        "train_on_validation",
+      )
+    )
+    raise ConfigError(f"{fields}: {error}") from error
 
 
-def check_episodes(class_set, ways, shots, queries):
-  """Raises ConfigError (naming the flags) unless the episodes fit the set."""
+def check_episodes(
+  class_set, ways, shots, queries, class_sampling="uniform", prefix=""
+):
+  """Raises ConfigError unless the episodes fit the set.
+
+  The message names the values as `prefix` + their name (e.g.
+  prefix="config.data." for a configuration's).
+  """
   try:
-    data.check_episode_args(class_set, ways, shots, queries)
+    data.check_episode_args(class_set, ways, shots, queries, class_sampling)
   except ValueError as error:
-    raise ConfigError(f"--ways={ways} --shots={shots} --queries={queries}: "
-                      f"{error}") from error
+    values = {
+      "ways": ways,
+      "shots": shots,
+      "queries": queries,
+      "class_sampling": class_sampling,
+    }
+    raise ConfigError(
+      ", ".join(f"{prefix}{name}={value!r}" for name, value in values.items())
+      + f": {error}"
+    ) from error
 
 
 def load_data(config):
@@ -82,22 +107,31 @@ def load_data(config):
       does not fit the examples.
   """
   splits = load_splits(config)
-  class_sets = [splits.train] + ([splits.validation]
-                                 if config["validate_every"] else [])
+  class_sets = [splits.train] + (
+    [splits.validation] if config.schedule.validate_every else []
+  )
   for class_set in class_sets:
-    check_episodes(class_set, config["ways"], config["shots"],
-                   config["queries"])
+    check_episodes(
+      class_set,
+      config.data.ways,
+      config.data.shots,
+      config.data.queries,
+      config.data.class_sampling,
+      prefix="config.data.",
+    )
   example_shape = list(splits.train.example_shape)
-  if (len(example_shape) == 3) != (config["backbone"] != "identity"):
+  if (len(example_shape) == 3) != (config.model.backbone != "identity"):
     raise ConfigError(
-        f"--backbone={config['backbone']} does not fit the examples of "
-        f"--dataset={config['dataset']} (shape {example_shape}): use conv4 or "
-        f"resnet12 for images, identity for feature vectors.")
+      f"config.model.backbone={config.model.backbone!r} does not fit the "
+      f"examples of config.data.dataset={config.data.dataset!r} (shape "
+      f"{example_shape}): use conv4 or "
+      f"resnet12 for images, identity for feature vectors."
+    )
   return splits, example_shape
 
 
 def prepare_run(config, model_dir, strategy):
-  """Validates a run before any training: flags, saved run, data.
+  """Validates a run before any training: fields, saved run, data.
 
   On the chief, writes the configuration (with `example_shape`) to
   model_dir/config.json.
@@ -111,26 +145,32 @@ def prepare_run(config, model_dir, strategy):
     (configuration with example_shape, data.Splits).
 
   Raises:
-    ConfigError: a bad flag, or flags that differ from the saved run's.
+    ConfigError: a bad field, or fields that differ from the saved run's.
   """
-  _config.validate_config(config)
+  # Validated; fields the config lacks get their defaults.
+  config = _config.make_config(base=config)
   replicas = strategy.num_replicas_in_sync
-  if config["meta_batch_size"] % replicas:
-    raise ConfigError(f"--meta_batch_size={config['meta_batch_size']} must be "
-                      f"divisible by the number of replicas ({replicas}).")
+  if config.data.meta_batch_size % replicas:
+    raise ConfigError(
+      f"config.data.meta_batch_size="
+      f"{config.data.meta_batch_size} must be "
+      f"divisible by the number of replicas ({replicas})."
+    )
   saved = None
   if tf.io.gfile.exists(os.path.join(model_dir, _config.CONFIG_FILE)):
     saved = _config.load_config(model_dir)
     # Before loading data, so that a mismatch fails at once.
     _config.check_resume(saved, config, model_dir)
   elif tf.train.latest_checkpoint(model_dir):
-    raise ConfigError(f"model_dir {model_dir!r} holds checkpoints but no "
-                      f"{_config.CONFIG_FILE}; use a new --model_dir.")
+    raise ConfigError(
+      f"model_dir {model_dir!r} holds checkpoints but no "
+      f"{_config.CONFIG_FILE}; use a new model_dir."
+    )
   splits, example_shape = load_data(config)
-  config = {**config, "example_shape": example_shape}
+  config = _config.updated(config, {"data.example_shape": example_shape})
   if saved is not None:
     _config.check_resume(saved, config, model_dir)
-  if config["init_from"] is not None:
+  if config.run.init_from is not None:
     _models.init_checkpoint(config)
   if _distribute.is_chief(strategy):
     _config.save_config(model_dir, config)
@@ -140,6 +180,7 @@ def prepare_run(config, model_dir, strategy):
 @dataclasses.dataclass
 class _State:
   """What a run trains and checkpoints."""
+
   model: keras.Model
   optimizer: keras.optimizers.Optimizer
   step: tf.Variable  # int64 scalar: meta-training steps done.
@@ -149,14 +190,18 @@ class _State:
 
 def _make_state(config, strategy):
   with strategy.scope():
-    keras.utils.set_random_seed(config["seed"])
-    model = _models.build_model(config, jit_compile=config["jit_compile"])
+    keras.utils.set_random_seed(config.run.seed)
+    model = _models.build_model(
+      config, jit_compile=config.adaptation.jit_compile
+    )
     optimizer = _models.build_optimizer(config, model)
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-    best_accuracy = tf.Variable(-1.0, dtype=tf.float32, trainable=False,
-                                name="best_accuracy")
-  checkpoint = _models.make_checkpoint(model, optimizer=optimizer, step=step,
-                                       best_accuracy=best_accuracy)
+    best_accuracy = tf.Variable(
+      -1.0, dtype=tf.float32, trainable=False, name="best_accuracy"
+    )
+  checkpoint = _models.make_checkpoint(
+    model, optimizer=optimizer, step=step, best_accuracy=best_accuracy
+  )
   return _State(model, optimizer, step, best_accuracy, checkpoint)
 
 
@@ -199,25 +244,33 @@ def make_train_step(model, optimizer, step, strategy, totals, clip_norm=None):
 
   def replica_step(batch):
     loss, logits, stats, gradients = model.replica_gradients(batch)
-    grad_norm = tf.linalg.global_norm(tf.distribute.get_replica_context(
-    ).all_reduce(tf.distribute.ReduceOp.SUM, gradients))
+    grad_norm = tf.linalg.global_norm(
+      tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, gradients
+      )
+    )
     if clip_norm is not None:
       scale = tf.minimum(1.0, clip_norm / grad_norm)
       gradients = [g * scale for g in gradients]
     optimizer.apply(gradients, model.trainable_variables)
-    correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32),
-                       tf.cast(batch["query_labels"], tf.int32))
-    return {"loss": loss,
-            "accuracy": tf.reduce_mean(tf.cast(correct, tf.float32)),
-            "num_evals": tf.cast(stats.num_evals, tf.float32),
-            "grad_norm": grad_norm}
+    correct = tf.equal(
+      tf.argmax(logits, axis=-1, output_type=tf.int32),
+      tf.cast(batch["query_labels"], tf.int32),
+    )
+    return {
+      "loss": loss,
+      "accuracy": tf.reduce_mean(tf.cast(correct, tf.float32)),
+      "num_evals": tf.cast(stats.num_evals, tf.float32),
+      "grad_norm": grad_norm,
+    }
 
   @tf.function
   def train_step(iterator):
     results = strategy.run(replica_step, args=(next(iterator),))
     for name in _METRICS:
-      totals[name].assign_add(strategy.reduce(
-          tf.distribute.ReduceOp.MEAN, results[name], axis=None))
+      totals[name].assign_add(
+        strategy.reduce(tf.distribute.ReduceOp.MEAN, results[name], axis=None)
+      )
     totals["steps"].assign_add(1.0)
     step.assign_add(1)
 
@@ -241,10 +294,12 @@ class _Saver:
   def __init__(self, checkpoint, model_dir, strategy, keep):
     self._chief = _distribute.is_chief(strategy)
     self._root = _distribute.worker_dir(model_dir, strategy)
-    self._latest = tf.train.CheckpointManager(checkpoint, self._root,
-                                              max_to_keep=keep)
+    self._latest = tf.train.CheckpointManager(
+      checkpoint, self._root, max_to_keep=keep
+    )
     self._best = tf.train.CheckpointManager(
-        checkpoint, os.path.join(self._root, _models.BEST_DIR), max_to_keep=1)
+      checkpoint, os.path.join(self._root, _models.BEST_DIR), max_to_keep=1
+    )
 
   def _save(self, manager, step):
     path = manager.save(checkpoint_number=step)
@@ -259,17 +314,35 @@ class _Saver:
     return self._save(self._best, step)
 
 
-def _restore(state, model_dir):
-  """Restores the latest checkpoint of model_dir, if any; returns the step.
+def _restore(state, model_dir, chief=True):
+  """Restores the newest intact checkpoint of model_dir; returns the step.
 
   A resumed run continues from its own checkpoint, whether or not it
-  started with --init_from.
+  started with run.init_from. Damaged checkpoints are set aside with a
+  warning (`_checkpoints.latest_intact`, on the chief); checkpoints of which
+  none is intact stop the run (CheckpointError), never a restart from
+  step 0. The best accuracy comes from best/ when that is higher than the
+  restored checkpoint's record (after a fallback to an older checkpoint),
+  so the best model is replaced only by a better one.
+
+  Call it before creating the run's CheckpointManagers: it may rewrite the
+  state files they read.
   """
-  path = tf.train.latest_checkpoint(model_dir)
+
+  def restore(path):
+    state.checkpoint.restore(path).assert_consumed()
+
+  best_dir = os.path.join(model_dir, _models.BEST_DIR)
+  best = _checkpoints.latest_intact(best_dir, modify=chief)
+  path = _checkpoints.latest_intact(model_dir, restore=restore, modify=chief)
   if path is None:
     return 0
-  state.checkpoint.restore(path).assert_consumed()
   step = int(state.step.numpy())
+  recorded = (
+    None if best is None else _checkpoints.recorded_value(best, "best_accuracy")
+  )
+  if recorded is not None and recorded > float(state.best_accuracy.numpy()):
+    state.best_accuracy.assign(recorded)
   _LOG.info("Resumed from %s (step %d).", path, step)
   return step
 
@@ -277,15 +350,20 @@ def _restore(state, model_dir):
 # TensorBoard's scalar-plugin metadata, so that summaries need no
 # `tensorboard` package to be written (tf.summary.scalar does).
 _SCALAR_METADATA = summary_pb2.SummaryMetadata(
-    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+  plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+)
 
 
 def _write_scalars(writer, values, step):
   """Writes float scalars as TensorBoard scalar summaries at `step`."""
   with writer.as_default():
     for name, value in values.items():
-      tf.summary.write(name, tf.constant(value, tf.float32), step=step,
-                       metadata=_SCALAR_METADATA)
+      tf.summary.write(
+        name,
+        tf.constant(value, tf.float32),
+        step=step,
+        metadata=_SCALAR_METADATA,
+      )
 
 
 class _Monitor:
@@ -298,16 +376,26 @@ class _Monitor:
   """
 
   def __init__(self, model_dir, config, start, chief, progress):
-    self._batch_size, self._steps = config["meta_batch_size"], config["steps"]
+    self._batch_size = config.data.meta_batch_size
+    self._steps = config.schedule.steps
     self._writers = {
-        name: (tf.summary.create_file_writer(os.path.join(model_dir, name))
-               if chief else tf.summary.create_noop_writer())
-        for name in ("train", "validation")}
+      name: (
+        tf.summary.create_file_writer(os.path.join(model_dir, name))
+        if chief
+        else tf.summary.create_noop_writer()
+      )
+      for name in ("train", "validation")
+    }
     use_bar = chief and progress and sys.stderr.isatty()
     self._log_lines = chief and not use_bar
-    self._bar = tqdm.tqdm(total=self._steps, initial=start, unit="step",
-                          disable=not use_bar, file=sys.stderr,
-                          dynamic_ncols=True)
+    self._bar = tqdm.tqdm(
+      total=self._steps,
+      initial=start,
+      unit="step",
+      disable=not use_bar,
+      file=sys.stderr,
+      dynamic_ncols=True,
+    )
     self._last_step = start
     self._window_time = 0.0
     # Throughput after the first window, which includes tracing.
@@ -339,26 +427,44 @@ class _Monitor:
     self._first_window = False
     self._last_step, self._window_time = step, 0.0
     _write_scalars(self._writers["train"], logs, step)
-    self._bar.set_postfix(loss=f"{logs['loss']:.3f}",
-                          acc=f"{logs['accuracy']:.3f}",
-                          T=f"{t_final:.3g}", refresh=False)
+    self._bar.set_postfix(
+      loss=f"{logs['loss']:.3f}",
+      acc=f"{logs['accuracy']:.3f}",
+      T=f"{t_final:.3g}",
+      refresh=False,
+    )
     if self._log_lines:
       eta = datetime.timedelta(
-          seconds=round((self._steps - step) * seconds_per_step))
-      _LOG.info("Step %d/%d: loss %.4f, accuracy %.4f, T %.4g, %.4g ODE "
-                "evaluations, gradient norm %.3g, %.3g episodes/s, ETA %s.",
-                step, self._steps, logs["loss"], logs["accuracy"], t_final,
-                logs["num_evals"], logs["grad_norm"],
-                logs["episodes_per_second"], eta)
+        seconds=round((self._steps - step) * seconds_per_step)
+      )
+      _LOG.info(
+        "Step %d/%d: loss %.4f, accuracy %.4f, T %.4g, %.4g ODE "
+        "evaluations, gradient norm %.3g, %.3g episodes/s, ETA %s.",
+        step,
+        self._steps,
+        logs["loss"],
+        logs["accuracy"],
+        t_final,
+        logs["num_evals"],
+        logs["grad_norm"],
+        logs["episodes_per_second"],
+        eta,
+      )
     self.logs = logs
 
   def log_validation(self, step, summary, improved):
-    _write_scalars(self._writers["validation"],
-                   {"accuracy": summary["accuracy"], "ci95": summary["ci95"]},
-                   step)
-    _LOG.info("Step %d: validation accuracy %.4f +- %.4f%s.", step,
-              summary["accuracy"], summary["ci95"],
-              " (best so far)" if improved else "")
+    _write_scalars(
+      self._writers["validation"],
+      {"accuracy": summary["accuracy"], "ci95": summary["ci95"]},
+      step,
+    )
+    _LOG.info(
+      "Step %d: validation accuracy %.4f +- %.4f%s.",
+      step,
+      summary["accuracy"],
+      summary["ci95"],
+      " (best so far)" if improved else "",
+    )
 
   @property
   def episodes_per_second(self):
@@ -403,12 +509,13 @@ def _check_finite(totals, model, step, last_checked, model_dir, error=None):
       raise error
     return
   raise DivergedError(
-      f"Meta-training diverged between steps {last_checked + 1} and {step}: "
-      f"loss {loss}, gradient norm {grad_norm}, T {t_final}. Nothing after "
-      f"step {last_checked} was saved (latest checkpoints in {model_dir!r}, "
-      f"the best in {os.path.join(model_dir, _models.BEST_DIR)!r}). Train "
-      f"again in a new --model_dir with --clip_norm or a lower "
-      f"--learning_rate.") from error
+    f"Meta-training diverged between steps {last_checked + 1} and {step}: "
+    f"loss {loss}, gradient norm {grad_norm}, T {t_final}. Nothing after "
+    f"step {last_checked} was saved (latest checkpoints in {model_dir!r}, "
+    f"the best in {os.path.join(model_dir, _models.BEST_DIR)!r}). Train "
+    f"again in a new model_dir with config.optim.clip_norm or a lower "
+    f"config.optim.learning_rate."
+  ) from error
 
 
 def _due(step, every, last):
@@ -421,7 +528,7 @@ def train(config, model_dir, strategy=None, progress=True):
   Writes into model_dir: config.json, checkpoints (latest; best validation
   accuracy under best/) and TensorBoard summaries (train/: loss, accuracy,
   t_final, num_evals, episodes_per_second; validation/: accuracy, ci95).
-  Training stops after config["steps"] meta-training steps in total.
+  Training stops after config.schedule.steps meta-training steps in total.
 
   Args:
     config: a configuration (see `make_config`).
@@ -437,91 +544,192 @@ def train(config, model_dir, strategy=None, progress=True):
     first log window, which includes tracing; None without a second one).
 
   Raises:
-    ConfigError: bad configuration (before any training).
+    ConfigError: bad configuration (before any training), a model_dir that
+      cannot be written or is in use by another training (a lock file,
+      taken over when its process is gone), or checkpoints of which none is
+      intact (CheckpointError).
     DivergedError: the loss or T became non-finite (no checkpoint of a
       non-finite state is written).
+    Preempted: SIGTERM arrived; a checkpoint of the current step was written
+      (a SystemExit: the process exits with its message).
   """
   strategy = strategy or tf.distribute.get_strategy()
+  with (
+    _checkpoints.RunLock(model_dir, _lock_name(strategy)),
+    _SigtermFlag() as sigterm,
+  ):
+    return _train(config, model_dir, strategy, progress, sigterm)
+
+
+def _lock_name(strategy):
+  """The lock file of this worker: one per worker of a multi-worker run."""
+  if _distribute.is_chief(strategy) or strategy.cluster_resolver is None:
+    return _checkpoints.LOCK_FILE
+  return f"{_checkpoints.LOCK_FILE}-worker{strategy.cluster_resolver.task_id}"
+
+
+class Preempted(SystemExit):
+  """Training stopped on SIGTERM after saving a checkpoint of its step."""
+
+
+class _SigtermFlag:
+  """Within the block, SIGTERM sets `.raised` instead of killing at once.
+
+  Only in the main thread (where Python handles signals); elsewhere the
+  default handling stays.
+  """
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *unused_exc_info):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+def _train(config, model_dir, strategy, progress, sigterm):
+  """`train` once model_dir is locked; `sigterm` tells of a SIGTERM."""
   config, splits = prepare_run(config, model_dir, strategy)
   state = _make_state(config, strategy)
-  saver = _Saver(state.checkpoint, model_dir, strategy,
-                 config["keep_checkpoints"])
-  start = _restore(state, model_dir)
-  if not start and config["init_from"] is not None:
+  start = _restore(state, model_dir, _distribute.is_chief(strategy))
+  saver = _Saver(
+    state.checkpoint, model_dir, strategy, config.schedule.keep_checkpoints
+  )
+  if not start and config.run.init_from is not None:
     path = _models.init_checkpoint(config)
     _models.initialize_from(state.model, path)
-    if not config["train_t"]:
-      state.model.classifier.assign_t_final(config["initial_t"])
-    _LOG.info("Initialized the model from %s (T %.4g%s).", path,
-              float(state.model.classifier.t_final),
-              "" if config["train_t"] else ", fixed")
-  steps, batch_size = config["steps"], config["meta_batch_size"]
+    if not config.model.train_t:
+      state.model.classifier.assign_t_final(config.model.initial_t)
+    _LOG.info(
+      "Initialized the model from %s (T %.4g%s).",
+      path,
+      float(state.model.classifier.t_final),
+      "" if config.model.train_t else ", fixed",
+    )
+  steps, batch_size = config.schedule.steps, config.data.meta_batch_size
   if start >= steps:
-    _LOG.info("Nothing to do: the run is at step %d, --steps=%d.", start,
-              steps)
-    return {"step": start, "best_accuracy": float(state.best_accuracy.numpy()),
-            "train_episodes_per_second": None}
-  iterator = iter(strategy.distribute_datasets_from_function(
+    _LOG.info(
+      "Nothing to do: the run is at step %d, schedule.steps=%d.", start, steps
+    )
+    return {
+      "step": start,
+      "best_accuracy": float(state.best_accuracy.numpy()),
+      "train_episodes_per_second": None,
+    }
+  iterator = iter(
+    strategy.distribute_datasets_from_function(
       lambda context: data.distributed_meta_batches(
-          context, splits.train, ways=config["ways"], shots=config["shots"],
-          queries=config["queries"], global_batch_size=batch_size,
-          seed=config["seed"], start_batch=start)))
-  totals = {name: tf.Variable(0.0, trainable=False)
-            for name in _METRICS + ("steps",)}
-  train_step = make_train_step(state.model, state.optimizer, state.step,
-                               strategy, totals,
-                               clip_norm=config.get("clip_norm"))
-  if config["validate_every"]:
+        context,
+        splits.train,
+        ways=config.data.ways,
+        shots=config.data.shots,
+        queries=config.data.queries,
+        global_batch_size=batch_size,
+        seed=config.run.seed,
+        start_batch=start,
+        class_sampling=config.data.class_sampling,
+        distortion=_config.distortion(config),
+      )
+    )
+  )
+  totals = {
+    name: tf.Variable(0.0, trainable=False) for name in _METRICS + ("steps",)
+  }
+  train_step = make_train_step(
+    state.model,
+    state.optimizer,
+    state.step,
+    strategy,
+    totals,
+    clip_norm=config.optim.clip_norm,
+  )
+  if config.schedule.validate_every:
     validation = data.eval_episodes(
-        splits.validation, ways=config["ways"], shots=config["shots"],
-        queries=config["queries"], seed=evaluation.VALIDATION_SEED,
-        num_episodes=config["validation_episodes"])
+      splits.validation,
+      ways=config.data.ways,
+      shots=config.data.shots,
+      queries=config.data.queries,
+      seed=evaluation.VALIDATION_SEED,
+      num_episodes=config.schedule.validation_episodes,
+      class_sampling=config.data.class_sampling,
+    )
     accuracy_fn = evaluation.accuracy_function(state.model)
 
-  monitor = _Monitor(model_dir, config, start, _distribute.is_chief(strategy),
-                     progress)
+  monitor = _Monitor(
+    model_dir, config, start, _distribute.is_chief(strategy), progress
+  )
   last_checked = start
   try:
     for step in range(start + 1, steps + 1):
       try:
         monitor.run_step(train_step, iterator)
       except tf.errors.InvalidArgumentError as error:
-        _check_finite(totals, state.model, step, last_checked, model_dir,
-                      error)
-      log_due = _due(step, config["log_every"], steps)
-      validate_due = bool(config["validate_every"]) and _due(
-          step, config["validate_every"], steps)
-      checkpoint_due = _due(step, config["checkpoint_every"], steps)
+        _check_finite(totals, state.model, step, last_checked, model_dir, error)
+      log_due = _due(step, config.schedule.log_every, steps)
+      validate_due = bool(config.schedule.validate_every) and _due(
+        step, config.schedule.validate_every, steps
+      )
+      checkpoint_due = _due(step, config.schedule.checkpoint_every, steps)
       if log_due or validate_due or checkpoint_due:
         _check_finite(totals, state.model, step, last_checked, model_dir)
         last_checked = step
       if log_due:
-        monitor.log_window(step, totals,
-                           float(state.model.classifier.t_final),
-                           float(tf.convert_to_tensor(
-                               state.optimizer.learning_rate)))
+        monitor.log_window(
+          step,
+          totals,
+          float(state.model.classifier.t_final),
+          float(tf.convert_to_tensor(state.optimizer.learning_rate)),
+        )
       if validate_due:
-        summary = evaluation.summarize(evaluation.episode_accuracies(
-            accuracy_fn, validation, batch_size))
-        improved = (np.float32(summary["accuracy"]) >
-                    state.best_accuracy.numpy())
+        summary = evaluation.summarize(
+          evaluation.episode_accuracies(accuracy_fn, validation, batch_size)
+        )
+        improved = np.float32(summary["accuracy"]) > state.best_accuracy.numpy()
         monitor.log_validation(step, summary, improved)
         if improved:
           state.best_accuracy.assign(summary["accuracy"])
           saver.save_best(step)
       if checkpoint_due:
         saver.save_latest(step)
+      if sigterm.raised:
+        if not checkpoint_due:
+          _check_finite(totals, state.model, step, last_checked, model_dir)
+          saver.save_latest(step)
+        message = (
+          f"Stopped by SIGTERM at step {step}/{steps}; saved "
+          f"{os.path.join(model_dir, f'ckpt-{step}')}. Run the same "
+          f"command again to resume."
+        )
+        _LOG.warning(message)
+        raise Preempted(message)
   finally:
     monitor.close()
 
-  result = {**monitor.logs, "step": steps,
-            "best_accuracy": float(state.best_accuracy.numpy()),
-            "train_episodes_per_second": monitor.episodes_per_second}
-  _LOG.info("Done: step %d, %s; throughput after the first log window "
-            "(which traces): %s episodes/s with %d replica(s).", steps,
-            ", ".join(f"{key} {value:.4g}"
-                      for key, value in monitor.logs.items()),
-            "n/a" if result["train_episodes_per_second"] is None else
-            f"{result['train_episodes_per_second']:.2f}",
-            strategy.num_replicas_in_sync)
+  result = {
+    **monitor.logs,
+    "step": steps,
+    "best_accuracy": float(state.best_accuracy.numpy()),
+    "train_episodes_per_second": monitor.episodes_per_second,
+  }
+  _LOG.info(
+    "Done: step %d, %s; throughput after the first log window "
+    "(which traces): %s episodes/s with %d replica(s).",
+    steps,
+    ", ".join(f"{key} {value:.4g}" for key, value in monitor.logs.items()),
+    "n/a"
+    if result["train_episodes_per_second"] is None
+    else f"{result['train_episodes_per_second']:.2f}",
+    strategy.num_replicas_in_sync,
+  )
   return result

@@ -1,93 +1,81 @@
 """Building a COMLN model and its optimizer from a configuration; restoring."""
 
 import os
+from typing import Tuple
 
 import keras
+import ml_collections
 import tensorflow as tf
 
-from comln_tf import backbones
-from comln_tf.layers import GradientFlowClassifier
 from comln_tf.model import COMLN
+from comln_tf.training import _config
 from comln_tf.training._config import ConfigError
 from comln_tf.training._config import load_config
 
 BEST_DIR = "best"
+# Which checkpoint of a run: "best" (validation), "latest", or "auto": the
+# best if the run has one, else the latest (evaluation and export default
+# to it, so that what is evaluated is what is served).
+CHECKPOINTS = ("auto", "best", "latest")
 
 
-def build_model(config, jit_compile=False):
+def build_model(
+  config: ml_collections.ConfigDict, jit_compile: bool = False
+) -> COMLN:
   """A built COMLN model, with fresh weights, ready to train or restore.
 
   The weights are drawn from Keras' global random state: call
   `keras.utils.set_random_seed` first for reproducible ones.
 
   Args:
-    config: a configuration with `example_shape` (the shape of one image,
-      [H, W, C], or of one feature vector, [d]), as saved by training.
+    config: a configuration with `data.example_shape` (the shape of one
+      image, [H, W, C], or of one feature vector, [d]), as saved by
+      training.
     jit_compile: XLA-compile the adaptation (see `GradientFlowClassifier`).
       Off for models that are exported.
 
   Returns:
     A built `COMLN`.
   """
-  classifier = GradientFlowClassifier(
-      # Tied initial rows do not depend on the number of ways, so the model
-      # can adapt to tasks with any number of ways.
-      num_ways=None if config["tie_init_rows"] else config["ways"],
-      initial_t=config["initial_t"],
-      train_t=config["train_t"],
-      method=config["method"],
-      solver=config["solver"],
-      rtol=config["rtol"],
-      atol=config["atol"],
-      max_steps=config["max_solver_steps"],
-      num_steps=config["solver_steps"],
-      label_smoothing=config["label_smoothing"],
-      tie_init_rows=config["tie_init_rows"],
-      jit_compile=jit_compile,
-      tasks_per_solve=config.get("tasks_per_solve"))
-  model = COMLN(_backbone(config), classifier,
-                weight_decay=config["weight_decay"])
-  model.build({"support_images": (None, None) + tuple(config["example_shape"])})
+  model = _config.make_comln(config, jit_compile=jit_compile)
+  model.build(
+    {"support_images": (None, None) + tuple(config.data.example_shape)}
+  )
   return model
 
 
-def _backbone(config):
-  """The configured backbone layer (with its pooling options)."""
-  options = {}
-  if config["backbone"] != "identity":
-    options["global_pool"] = config["global_pool"]
-  if config["backbone"] == "conv4":
-    options["pool_last_block"] = config["pool_last_block"]
-    options["downsample"] = config["downsample"]
-  return backbones.get_backbone(config["backbone"], **options)
-
-
-def build_optimizer(config, model):
+def build_optimizer(
+  config: ml_collections.ConfigDict, model: COMLN
+) -> keras.optimizers.Optimizer:
   """The configured Keras optimizer, built for the model's trainable weights.
 
   It is built here, not at the first step, so that a checkpoint restores
   its slots (e.g. momentum) before training resumes.
 
   Args:
-    config: a configuration.
+    config: a configuration (optim group).
     model: the built COMLN.
 
   Returns:
     keras.optimizers.SGD (momentum, Nesterov per config) or Adam, with a
-    constant learning rate or a cosine decay (config lr_decay_steps).
+    constant learning rate or a cosine decay (optim.lr_decay_steps).
   """
-  learning_rate = config["learning_rate"]
-  if config.get("lr_decay_steps"):
+  optim = config.optim
+  learning_rate = optim.learning_rate
+  if optim.lr_decay_steps:
     # Driven by optimizer.iterations, which checkpoints hold: a resumed run
     # continues the schedule where it stopped.
     learning_rate = keras.optimizers.schedules.CosineDecay(
-        learning_rate, config["lr_decay_steps"])
-  if config["optimizer"] == "sgd":
-    optimizer = keras.optimizers.SGD(learning_rate,
-                                     momentum=config["momentum"],
-                                     nesterov=config["nesterov"])
-  else:
-    optimizer = keras.optimizers.Adam(learning_rate)
+      learning_rate, optim.lr_decay_steps
+    )
+  make = {
+    "sgd": lambda: keras.optimizers.SGD(
+      learning_rate, momentum=optim.momentum, nesterov=optim.nesterov
+    ),
+    "adam": lambda: keras.optimizers.Adam(learning_rate),
+  }
+  assert set(make) == set(_config.OPTIMIZERS)
+  optimizer = make[optim.optimizer]()
   optimizer.build(model.trainable_variables)
   return optimizer
 
@@ -108,46 +96,63 @@ def make_checkpoint(model, **objects):
   Returns:
     tf.train.Checkpoint.
   """
-  return tf.train.Checkpoint(model=model, model_variables=list(model.variables),
-                             **objects)
+  return tf.train.Checkpoint(
+    model=model, model_variables=list(model.variables), **objects
+  )
 
 
-def checkpoint_path(model_dir, which="latest"):
-  """The path of a run's latest or best checkpoint.
+def checkpoint_path(model_dir: str, which: str = "latest") -> str:
+  """The path of a run's best, latest or "auto" checkpoint.
 
   Args:
     model_dir: str, a run's directory.
-    which: "latest" (model_dir's CheckpointManager) or "best" (the best
-      validation accuracy, in model_dir/best).
+    which: "latest" (model_dir's CheckpointManager), "best" (the best
+      validation accuracy, in model_dir/best) or "auto" (the best if the
+      run has one, else the latest: a run that does not validate, or not
+      yet).
 
   Returns:
     str, a checkpoint prefix for `tf.train.Checkpoint.restore`.
 
   Raises:
-    ValueError: `which` is neither "latest" nor "best".
+    ValueError: `which` is not one of CHECKPOINTS.
     FileNotFoundError: there is no such checkpoint.
   """
-  if which not in ("latest", "best"):
-    raise ValueError(f"which must be 'latest' or 'best', got {which!r}.")
-  directory = model_dir if which == "latest" else os.path.join(model_dir,
-                                                               BEST_DIR)
+  if which not in CHECKPOINTS:
+    raise ValueError(
+      f"which must be one of {', '.join(CHECKPOINTS)}; got {which!r}."
+    )
+  if which == "auto":
+    best = tf.train.latest_checkpoint(os.path.join(model_dir, BEST_DIR))
+    return best or checkpoint_path(model_dir, "latest")
+  directory = (
+    model_dir if which == "latest" else os.path.join(model_dir, BEST_DIR)
+  )
   path = tf.train.latest_checkpoint(directory)
   if path is None:
     raise FileNotFoundError(
-        f"No {which} checkpoint in model_dir {model_dir!r}"
-        + ("" if which == "latest" else
-           " (the best checkpoint is written at validation, every "
-           "--validate_every steps)") + ".")
+      f"No {which} checkpoint in model_dir {model_dir!r}"
+      + (
+        ""
+        if which == "latest"
+        else " (the best checkpoint is written at validation, every "
+        "config.schedule.validate_every steps)"
+      )
+      + "."
+    )
   return path
 
 
 def checkpoint_step(path):
   """The training step at which checkpoint `path` was written (int)."""
-  return int(tf.train.load_checkpoint(path).get_tensor(
-      "step/.ATTRIBUTES/VARIABLE_VALUE"))
+  return int(
+    tf.train.load_checkpoint(path).get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")
+  )
 
 
-def model_from_checkpoint(config, path, jit_compile=False):
+def model_from_checkpoint(
+  config: ml_collections.ConfigDict, path: str, jit_compile: bool = False
+) -> COMLN:
   """A model of `config` with the weights of checkpoint `path`.
 
   Args:
@@ -164,10 +169,11 @@ def model_from_checkpoint(config, path, jit_compile=False):
   saved = tf.train.load_checkpoint(path).get_variable_to_shape_map()
   if not any(name.startswith("model_variables/") for name in saved):
     raise ValueError(
-        f"Checkpoint {path} has no model_variables: it was not written with "
-        f"comln_tf.training.make_checkpoint, and tf.train.Checkpoint("
-        f"model=model) alone does not save the backbone's weights (Keras 3 "
-        f"does not track layers kept in lists).")
+      f"Checkpoint {path} has no model_variables: it was not written with "
+      f"comln_tf.training.make_checkpoint, and tf.train.Checkpoint("
+      f"model=model) alone does not save the backbone's weights (Keras 3 "
+      f"does not track layers kept in lists)."
+    )
   model = build_model(config, jit_compile=jit_compile)
   # Only the model: the optimizer and step in the checkpoint are not needed.
   initialize_from(model, path)
@@ -175,39 +181,55 @@ def model_from_checkpoint(config, path, jit_compile=False):
 
 
 # What a model is: the shapes of its variables and the function they compute.
-_ARCHITECTURE_KEYS = ("backbone", "global_pool", "pool_last_block",
-                      "downsample", "example_shape", "tie_init_rows")
+_ARCHITECTURE_FIELDS = (
+  "model.backbone",
+  "model.global_pool",
+  "model.pool_last_block",
+  "model.downsample",
+  "data.example_shape",
+  "model.tie_init_rows",
+)
 
 
-def init_checkpoint(config):
-  """The checkpoint that initializes a run with --init_from, checked.
+def init_checkpoint(config: ml_collections.ConfigDict) -> str:
+  """The checkpoint that initializes a run with run.init_from, checked.
 
   Args:
-    config: a configuration with example_shape and init_from (a model_dir).
+    config: a configuration with data.example_shape and run.init_from (a
+      model_dir).
 
   Returns:
-    str, the best checkpoint of config["init_from"], or its latest if that
-    run did not validate (--validate_every=0, as with
-    --train_on_validation): its model is then its last one.
+    str, the "auto" checkpoint of config.run.init_from: its best, or its
+    latest if it has no best (a run trained with validate_every=0, as with
+    train_on_validation: its model is then its last one).
 
   Raises:
-    ConfigError: naming --init_from: no run or no such checkpoint there, or
-      a model of another architecture (backbone, example shape, tied rows;
-      the number of ways unless the rows are tied).
+    ConfigError: naming config.run.init_from: no run or no checkpoint
+      there, or a model of another architecture (backbone, example shape,
+      tied rows; the number of ways unless the rows are tied).
   """
-  init_from = config["init_from"]
+  init_from = config.run.init_from
   try:
     saved = load_config(init_from)
-    path = checkpoint_path(init_from,
-                           "best" if saved["validate_every"] else "latest")
+    path = checkpoint_path(init_from, "auto")
   except FileNotFoundError as error:
-    raise ConfigError(f"--init_from={init_from}: {error}") from error
-  keys = _ARCHITECTURE_KEYS + (() if config["tie_init_rows"] else ("ways",))
-  differences = [f"--{key}={config[key]!r} (there: {saved.get(key)!r})"
-                 for key in keys if saved.get(key) != config[key]]
+    raise ConfigError(f"config.run.init_from={init_from!r}: {error}") from (
+      error
+    )
+  paths = _ARCHITECTURE_FIELDS + (
+    () if config.model.tie_init_rows else ("data.ways",)
+  )
+  differences = [
+    f"config.{path}={_config.get_field(config, path)!r} (there: "
+    f"{_config.get_field(saved, path)!r})"
+    for path in paths
+    if _config.get_field(saved, path) != _config.get_field(config, path)
+  ]
   if differences:
-    raise ConfigError(f"--init_from={init_from} holds a model of another "
-                      f"architecture: {'; '.join(differences)}.")
+    raise ConfigError(
+      f"config.run.init_from={init_from!r} holds a model of "
+      f"another architecture: {'; '.join(differences)}."
+    )
   return path
 
 
@@ -217,15 +239,17 @@ def initialize_from(model, path):
   status.expect_partial().assert_existing_objects_matched()
 
 
-def restore_model(model_dir, which="latest"):
+def restore_model(
+  model_dir: str, which: str = "latest"
+) -> Tuple[COMLN, ml_collections.ConfigDict]:
   """Rebuilds a trained model from its model_dir.
 
   Args:
     model_dir: str, a run's directory (config.json and checkpoints).
-    which: "latest" or "best" (see `checkpoint_path`).
+    which: "latest", "best" or "auto" (see `checkpoint_path`).
 
   Returns:
-    (COMLN with the checkpoint's weights, the run's configuration dict).
+    (COMLN with the checkpoint's weights, the run's configuration).
 
   Raises:
     FileNotFoundError: no config.json or no such checkpoint in model_dir.
