@@ -1,6 +1,6 @@
 """`adapt`: the public entry point of the engine, with input validation."""
 
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import tensorflow as tf
 
@@ -230,20 +230,20 @@ def check_task_labels(support_labels, num_ways):
 
 
 def adapt(
-  init_weights,
-  support_embeddings,
-  support_labels,
-  t_final,
+  init_weights: tf.Tensor,
+  support_embeddings: tf.Tensor,
+  support_labels: tf.Tensor,
+  t_final: Union[float, tf.Tensor],
   *,
-  method="forward",
-  solver="dopri5",
+  method: Union[str, _gradient_methods.GradientMethod] = "forward",
+  solver: Union[str, _solvers.Solver] = "dopri5",
   rtol: float = 1e-5,
   atol: float = 1e-5,
   max_steps: int = DEFAULT_MAX_STEPS,
   num_steps: Optional[int] = None,
   tasks_per_solve: Optional[int] = None,
   return_stats: bool = False,
-):
+) -> Union[tf.Tensor, Tuple[tf.Tensor, _solvers.SolveStats]]:
   """Adapts a linear classifier to tasks by the gradient flow of their loss.
 
   Integrates dW/dt = -(1/M) (softmax(X W^T) - Y)^T X from W(0) = init_weights

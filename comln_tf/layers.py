@@ -186,12 +186,12 @@ class GradientFlowClassifier(keras.layers.Layer):
 
   def adapt(
     self,
-    support_embeddings,
-    support_labels,
-    training=None,
-    num_ways=None,
-    return_stats=False,
-    max_steps=None,
+    support_embeddings: tf.Tensor,
+    support_labels: tf.Tensor,
+    training: Optional[bool] = None,
+    num_ways: Optional[int] = None,
+    return_stats: bool = False,
+    max_steps: Optional[int] = None,
   ):
     """Adapted weights for each task.
 
@@ -259,8 +259,12 @@ class GradientFlowClassifier(keras.layers.Layer):
     return tf.matmul(query_embeddings, weights, transpose_b=True)
 
   def call(
-    self, support_embeddings, support_labels, query_embeddings, training=None
-  ):
+    self,
+    support_embeddings: tf.Tensor,
+    support_labels: tf.Tensor,
+    query_embeddings: tf.Tensor,
+    training: Optional[bool] = None,
+  ) -> tf.Tensor:
     """Query logits [B, Q, N] after adapting to each task's support set.
 
     Args:

@@ -10,9 +10,12 @@ shared random state.
 import dataclasses
 import logging
 import math
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
+
+from comln_tf.data._classes import ClassSet
 
 # A fixed algorithm: "auto_select" may pick a different one per device, and
 # the episodes must be identical on every machine.
@@ -76,7 +79,9 @@ class AffineDistortion:
     )
 
 
-def affine_transform_images(images, parameters):
+def affine_transform_images(
+  images: tf.Tensor, parameters: tf.Tensor
+) -> tf.Tensor:
   """Resamples each image through its own affine map about its centre.
 
   The map sends output pixel p to input point A (p - c) + c + t, with
@@ -149,8 +154,12 @@ def check_int(name, value, minimum):
 
 
 def check_episode_args(
-  class_set, ways, shots, queries, class_sampling="uniform"
-):
+  class_set: ClassSet,
+  ways: int,
+  shots: int,
+  queries: int,
+  class_sampling: str = "uniform",
+) -> None:
   """Checks that `class_set` can make `ways`-way episodes.
 
   Args:
@@ -385,19 +394,19 @@ def _stream(
 
 
 def meta_batches(
-  class_set,
+  class_set: ClassSet,
   *,
-  ways,
-  shots,
-  queries,
-  batch_size,
-  seed,
-  start_batch=0,
-  replica_id=0,
-  num_replicas=1,
-  class_sampling="uniform",
-  distortion=None,
-):
+  ways: int,
+  shots: int,
+  queries: int,
+  batch_size: int,
+  seed: int,
+  start_batch: int = 0,
+  replica_id: int = 0,
+  num_replicas: int = 1,
+  class_sampling: str = "uniform",
+  distortion: Optional[AffineDistortion] = None,
+) -> tf.data.Dataset:
   """An endless stream of meta-batches of episodes.
 
   Meta-batch j holds episodes j*B .. j*B + B - 1 (B = `batch_size`), and
@@ -456,18 +465,18 @@ def meta_batches(
 
 
 def distributed_meta_batches(
-  input_context,
-  class_set,
+  input_context: tf.distribute.InputContext,
+  class_set: ClassSet,
   *,
-  ways,
-  shots,
-  queries,
-  global_batch_size,
-  seed,
-  start_batch=0,
-  class_sampling="uniform",
-  distortion=None,
-):
+  ways: int,
+  shots: int,
+  queries: int,
+  global_batch_size: int,
+  seed: int,
+  start_batch: int = 0,
+  class_sampling: str = "uniform",
+  distortion: Optional[AffineDistortion] = None,
+) -> tf.data.Dataset:
   """One worker's meta-batches, for `distribute_datasets_from_function`.
 
   Worker p of P (`input_context.input_pipeline_id`) with L = R/P local
@@ -512,16 +521,16 @@ def distributed_meta_batches(
 
 
 def eval_episodes(
-  class_set,
+  class_set: ClassSet,
   *,
-  ways,
-  shots,
-  queries,
-  seed,
-  num_episodes=1000,
-  rotate_classes=False,
-  class_sampling="uniform",
-):
+  ways: int,
+  shots: int,
+  queries: int,
+  seed: int,
+  num_episodes: int = 1000,
+  rotate_classes: bool = False,
+  class_sampling: str = "uniform",
+) -> tf.data.Dataset:
   """A fixed, finite set of evaluation episodes.
 
   Episode i is episode i of the stream with `seed` (the same function of

@@ -13,6 +13,7 @@ import logging
 import os
 import pathlib
 import pickle
+from typing import Optional
 import zipfile
 
 import numpy as np
@@ -725,14 +726,14 @@ def available_sources():
 
 
 def load_splits(
-  name="omniglot",
-  data_dir=None,
-  image_size=None,
+  name: str = "omniglot",
+  data_dir: Optional[str] = None,
+  image_size: Optional[int] = None,
   *,
-  rotations=False,
-  train_on_validation=False,
+  rotations: bool = False,
+  train_on_validation: bool = False,
   **options,
-):
+) -> Splits:
   """Loads the disjoint train, validation and test classes of a dataset.
 
   Sources (see each `_load_<name>` for its layout and options):
