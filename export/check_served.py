@@ -13,114 +13,13 @@ Usage:
       --export_dir=exports/omniglot_5w1s/1 --queries=15
 """
 
-import json
-import os
 import sys
-from typing import Optional
 
 from absl import app
 from absl import flags
-import numpy as np
-import tensorflow as tf
 
-from comln_tf import data
-from comln_tf import evaluation
 from comln_tf import training
-from export import saved_model
-
-# Logit margins below this count as ties: the export's XLA-free solve and
-# an XLA-compiled evaluation may order them either way.
-TIE_MARGIN = 1e-3
-
-
-def compare(
-  model_dir: str,
-  export_dir: str,
-  *,
-  which: str = "auto",
-  num_episodes: int = 1000,
-  ways: Optional[int] = None,
-  shots: Optional[int] = None,
-  queries: Optional[int] = None,
-  seed: int = evaluation.TEST_SEED,
-) -> dict:
-  """Predictions of an export and of launch.evaluate's model, compared.
-
-  Args:
-    model_dir: str, the training run's directory.
-    export_dir: str, a SavedModel version folder written by export_model.
-    which: the checkpoint launch.evaluate uses ("auto": best, else latest).
-    num_episodes, seed: the test episodes (launch.evaluate's defaults).
-    ways, shots, queries: the episodes' shape (None: the run's).
-
-  Returns:
-    dict: "checkpoint" and "step" (launch.evaluate's), "export_checkpoint"
-    and "export_step" (the export's metadata), "episodes", "queries" (in
-    all), "served_accuracy" and "evaluated_accuracy" (mean over episodes),
-    "served_classes" and "evaluated_classes" (int64 [episodes, N*q]),
-    "disagreements" (queries classified differently) and "ties" (those of
-    them with a top-2 logit margin below TIE_MARGIN).
-
-  Raises:
-    training.ConfigError: no such run or checkpoint, bad episode shape.
-  """
-  model, config, path, _, step = training.evaluation_model(model_dir, which)
-  with open(
-    os.path.join(export_dir, "assets.extra", saved_model.METADATA_FILE)
-  ) as f:
-    metadata = json.load(f)
-  ways = config.data.ways if ways is None else ways
-  shots = config.data.shots if shots is None else shots
-  queries = config.data.queries if queries is None else queries
-  class_set = training.load_splits(config).test
-  training.check_episodes(
-    class_set, ways, shots, queries, config.data.class_sampling
-  )
-  episodes = data.eval_episodes(
-    class_set,
-    ways=ways,
-    shots=shots,
-    queries=queries,
-    seed=seed,
-    num_episodes=num_episodes,
-    class_sampling=config.data.class_sampling,
-  )
-  serve = tf.saved_model.load(export_dir).signatures[
-    saved_model.ADAPT_AND_PREDICT
-  ]
-  served, evaluated, margins, labels = [], [], [], []
-  for batch in episodes.batch(config.data.meta_batch_size):
-    logits = model(batch, training=False).numpy()
-    evaluated.append(logits.argmax(-1))
-    top2 = np.sort(logits, axis=-1)[..., -2:]
-    margins.append(top2[..., 1] - top2[..., 0])
-    labels.append(batch["query_labels"].numpy())
-    for i in range(logits.shape[0]):
-      served.append(
-        serve(
-          support_images=batch["support_images"][i],
-          support_labels=tf.cast(batch["support_labels"][i], tf.int64),
-          query_images=batch["query_images"][i],
-        )["classes"].numpy()
-      )
-  served, evaluated = np.stack(served), np.concatenate(evaluated)
-  margins, labels = np.concatenate(margins), np.concatenate(labels)
-  differ = served != evaluated
-  return {
-    "checkpoint": path,
-    "step": step,
-    "export_checkpoint": metadata.get("checkpoint"),
-    "export_step": metadata.get("step"),
-    "episodes": len(served),
-    "queries": served.size,
-    "served_accuracy": float(np.mean(served == labels, axis=1).mean()),
-    "evaluated_accuracy": float(np.mean(evaluated == labels, axis=1).mean()),
-    "served_classes": served,
-    "evaluated_classes": evaluated,
-    "disagreements": int(differ.sum()),
-    "ties": int((differ & (margins < TIE_MARGIN)).sum()),
-  }
-
+from export import served_check
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "The training run.")
 _EXPORT_DIR = flags.DEFINE_string(
@@ -149,7 +48,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
-    result = compare(
+    result = served_check.compare(
       _MODEL_DIR.value,
       _EXPORT_DIR.value,
       which=_CHECKPOINT.value,

@@ -5,4 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
-exec .venv/bin/python -m pytest -q "$@"
+# Two workers, each taking whole test files (their module fixtures are
+# built once per file).
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"

@@ -23,8 +23,8 @@ from comln_tf import evaluation
 from comln_tf import training
 from comln_tf.layers import GradientFlowClassifier
 from comln_tf.model import COMLN
-from export import check_served
 from export import saved_model
+from export import served_check
 from export import session
 from export import warmup
 
@@ -640,7 +640,7 @@ def test_export_serves_the_model_launch_evaluate_evaluates(tmp_path):
   ).stdout
   assert f"Exported {results['checkpoint']} (step 3)" in printed
 
-  compared = check_served.compare(
+  compared = served_check.compare(
     str(model_dir), str(base / "1"), num_episodes=episodes
   )
   assert (
