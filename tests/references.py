@@ -78,6 +78,50 @@ def make_problem(
   )
 
 
+def stiff_problem():
+  """A task whose meta-gradient is hard at large T, with a reference.
+
+  One 5-way 1-shot task of separable non-negative features (scaled by 3),
+  W0 = 0 and T = 1000: the step control of a discrete gradient must watch
+  a tangent, not the state alone, for the derivative to be accurate.
+
+  Returns:
+    (problem dict as `make_problem`'s, direction [1, M, d] of the support
+    embeddings, the central difference (step 1e-5) of `reference_loss`
+    along it: a float64 directional derivative of the W-space solution).
+  """
+  rng = np.random.default_rng(0)
+  ways, size, queries = 5, 8, 3
+  centres = np.maximum(
+    rng.normal(size=(1, size)) + rng.normal(size=(ways, size)), 0
+  )
+  support = 3 * np.maximum(centres + 0.3 * rng.normal(size=(ways, size)), 0)
+  query = 3 * np.maximum(
+    np.repeat(centres, queries, 0)
+    + 0.3 * rng.normal(size=(ways * queries, size)),
+    0,
+  )
+  problem = dict(
+    init_weights=np.zeros((ways, size)),
+    support=support[None],
+    labels=np.arange(ways)[None],
+    queries=query[None],
+    query_labels=np.repeat(np.arange(ways), queries)[None],
+    t_final=1000.0,
+  )
+  direction = rng.normal(size=problem["support"].shape)
+  eps = 1e-5
+  point = [
+    problem[n] for n in ("init_weights", "support", "queries", "t_final")
+  ]
+  plus, minus = list(point), list(point)
+  plus[1], minus[1] = point[1] + eps * direction, point[1] - eps * direction
+  finite_difference = (
+    reference_loss(problem, *plus) - reference_loss(problem, *minus)
+  ) / (2 * eps)
+  return problem, direction, finite_difference
+
+
 def engine_loss_and_gradients(problem, method, solver="dopri5", **options):
   """Query loss and its gradients w.r.t. (W0, X, Xq, T) from the engine."""
 

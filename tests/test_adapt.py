@@ -24,8 +24,8 @@ from references import TIGHTEST
 from references import assert_gradients_match_finite_differences
 from references import engine_loss_and_gradients
 from references import make_problem
-from references import reference_loss
 from references import softmax as _softmax
+from references import stiff_problem
 from references import w_space_solution
 
 GRADIENT_METHODS = {
@@ -57,35 +57,7 @@ def test_backprop_step_control_keeps_the_gradient_accurate_at_large_t():
   unless the step control also watches a tangent (see `Backprop`).
   Reference: central differences of the SciPy W-space solution.
   """
-  rng = np.random.default_rng(0)
-  ways, size, queries = 5, 8, 3
-  centres = np.maximum(
-    rng.normal(size=(1, size)) + rng.normal(size=(ways, size)), 0
-  )
-  support = 3 * np.maximum(centres + 0.3 * rng.normal(size=(ways, size)), 0)
-  query = 3 * np.maximum(
-    np.repeat(centres, queries, 0)
-    + 0.3 * rng.normal(size=(ways * queries, size)),
-    0,
-  )
-  problem = dict(
-    init_weights=np.zeros((ways, size)),
-    support=support[None],
-    labels=np.arange(ways)[None],
-    queries=query[None],
-    query_labels=np.repeat(np.arange(ways), queries)[None],
-    t_final=1000.0,
-  )
-  direction = rng.normal(size=problem["support"].shape)
-  eps = 1e-5
-  point = [
-    problem[n] for n in ("init_weights", "support", "queries", "t_final")
-  ]
-  plus, minus = list(point), list(point)
-  plus[1], minus[1] = point[1] + eps * direction, point[1] - eps * direction
-  finite_difference = (
-    reference_loss(problem, *plus) - reference_loss(problem, *minus)
-  ) / (2 * eps)
+  problem, direction, finite_difference = stiff_problem()
 
   def relative_error(method):
     _, grads = engine_loss_and_gradients(
