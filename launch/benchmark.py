@@ -86,7 +86,7 @@ _OUTPUT = flags.DEFINE_string(
   "output", None, "Also write the results as JSON here."
 )
 
-PLAIN = "plain"
+PLAIN = workloads.PLAIN
 
 launch.require_choices(_METHODS, (PLAIN,) + workloads.METHODS)
 launch.require_choices(_NO_XLA, workloads.METHODS)
@@ -98,9 +98,6 @@ launch.require_positive_list(_T_FINALS)
 def run_case(case):
   """Times one (method, ways, shots, T) case in this process; returns a dict."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  import comln_tf  # pylint: disable=g-import-not-at-top
 
   data = workloads.make_workload(
     case["tasks"],
@@ -109,54 +106,15 @@ def run_case(case):
     case["queries"],
     case["embedding_size"],
   )
-  inputs = [
-    tf.constant(data[k]) for k in ("init_weights", "support", "queries")
-  ]
-  t_final = tf.constant(float(case["t_final"]), tf.float32)
-  plain = case["method"] == PLAIN
-  method = (
-    comln_tf.Backprop(tangent_control=False)
-    if plain
-    else workloads.method_for(case["method"])
-  )
-
-  def query_loss(init_weights, support, queries, t_final):
-    weights, stats = comln_tf.adapt(
-      init_weights,
-      support,
-      data["support_labels"],
-      t_final,
-      method=method,
-      rtol=1e-5,
-      atol=1e-5,
-      max_steps=case["max_steps"],
-      tasks_per_solve=case["tasks_per_solve"] or None,
-      return_stats=True,
-    )
-    logits = tf.matmul(queries, weights, transpose_b=True)
-    loss = tf.reduce_mean(
-      tf.nn.sparse_softmax_cross_entropy_with_logits(
-        data["query_labels"], logits
-      )
-    )
-    return loss, stats.num_evals
-
-  def meta_gradient(init_weights, support, queries, t_final):
-    with tf.GradientTape() as tape:
-      tape.watch([init_weights, support, queries, t_final])
-      loss, num_evals = query_loss(init_weights, support, queries, t_final)
-    grads = tape.gradient(loss, [init_weights, support, queries, t_final])
-    return loss, grads, num_evals
-
-  def loss_only(*args):
-    loss, num_evals = query_loss(*args)
-    return loss, [], num_evals
-
-  run = tf.function(
-    loss_only if plain else meta_gradient, jit_compile=case["xla"]
-  )
-  (loss, grads, num_evals), compile_seconds, times, peaks = workloads.measure(
-    run, [*inputs, t_final], case["repeats"]
+  loss, grads, stats, compile_seconds, times, peaks = workloads.time_query_loss(
+    data,
+    case["method"],
+    "dopri5",
+    case["t_final"],
+    case["max_steps"],
+    case["tasks_per_solve"],
+    case["xla"],
+    case["repeats"],
   )
   finite = bool(np.isfinite(loss)) and all(
     bool(np.all(np.isfinite(g))) for g in grads
@@ -166,7 +124,7 @@ def run_case(case):
     ms=1000 * float(np.median(times)),
     compile_s=compile_seconds,
     peak_mb=max(peaks) / 2**20,
-    num_evals=int(num_evals),
+    num_evals=int(stats.num_evals),
     finite=finite,
   )
 

@@ -39,7 +39,7 @@ from launch import workloads
 # workload name -> (shots, stiff).
 WORKLOADS = {"5w1s": (1, False), "5w5s": (5, False), "stiff": (1, True)}
 SOLVERS = ("dopri5", "tfp_dopri5", "tfp_bdf")
-PLAIN = "plain"
+PLAIN = workloads.PLAIN
 
 _CASES = flags.DEFINE_list(
   "cases",
@@ -143,63 +143,19 @@ def make_data(workload, tasks, stiff_gram_max, seed=0):
 def run_case(case):
   """Times one case in this process; returns a dict of its results."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  import comln_tf  # pylint: disable=g-import-not-at-top
 
   data, eigenvalues = make_data(
     case["workload"], case["tasks"], case["stiff_gram_max"]
   )
-  inputs = [
-    tf.constant(data[k]) for k in ("init_weights", "support", "queries")
-  ]
-  t_final = tf.constant(float(case["t_final"]), tf.float32)
-  plain = case["method"] == PLAIN
-  # The plain solve: for tfp_bdf, adapt runs it as the adjoint's forward.
-  method = (
-    comln_tf.Backprop(tangent_control=False)
-    if plain
-    else (workloads.method_for(case["method"]))
-  )
-
-  def query_loss(init_weights, support, queries, t_final):
-    weights, stats = comln_tf.adapt(
-      init_weights,
-      support,
-      data["support_labels"],
-      t_final,
-      method=method,
-      solver=case["solver"],
-      rtol=1e-5,
-      atol=1e-5,
-      max_steps=case["max_steps"],
-      tasks_per_solve=case["tasks_per_solve"] or None,
-      return_stats=True,
-    )
-    logits = tf.matmul(queries, weights, transpose_b=True)
-    loss = tf.reduce_mean(
-      tf.nn.sparse_softmax_cross_entropy_with_logits(
-        data["query_labels"], logits
-      )
-    )
-    return loss, stats
-
-  def meta_gradient(init_weights, support, queries, t_final):
-    with tf.GradientTape() as tape:
-      tape.watch([init_weights, support, queries, t_final])
-      loss, stats = query_loss(init_weights, support, queries, t_final)
-    grads = tape.gradient(loss, [init_weights, support, queries, t_final])
-    return loss, grads, stats
-
-  def loss_only(*args):
-    loss, stats = query_loss(*args)
-    return loss, [], stats
-
-  run = tf.function(
-    loss_only if plain else meta_gradient, jit_compile=case["xla"]
-  )
-  (loss, grads, stats), compile_seconds, times, peaks = workloads.measure(
-    run, [*inputs, t_final], case["repeats"]
+  loss, grads, stats, compile_seconds, times, peaks = workloads.time_query_loss(
+    data,
+    case["method"],
+    case["solver"],
+    case["t_final"],
+    case["max_steps"],
+    case["tasks_per_solve"],
+    case["xla"],
+    case["repeats"],
   )
   finite = bool(np.isfinite(loss)) and all(
     bool(np.all(np.isfinite(g))) for g in grads

@@ -22,6 +22,85 @@ METHODS = (
 )
 
 
+PLAIN = "plain"
+
+
+def time_query_loss(
+  data, method_name, solver, t_final, max_steps, tasks_per_solve, xla, repeats
+):
+  """Times the query loss of a workload, or its meta-gradient.
+
+  The loss is the mean query cross-entropy after `adapt`; with a method
+  name other than PLAIN, its gradient with respect to W0, the support and
+  query embeddings and T is taken too (what meta-training pays).
+
+  Args:
+    data: a workload of `make_workload` (numpy arrays).
+    method_name: PLAIN (a solve without gradient) or a METHODS name.
+    solver: the solver name of `adapt`.
+    t_final: T. max_steps: of the solve. tasks_per_solve: 0 or None for
+      all tasks at once.
+    xla: compile with XLA. repeats: timed calls (see `measure`).
+
+  Returns:
+    (loss, gradients (empty for PLAIN), SolveStats, as numpy, then the
+    seconds of the first call, the list of timed seconds, the list of peak
+    bytes).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  import comln_tf  # pylint: disable=g-import-not-at-top
+
+  inputs = [
+    tf.constant(data[k]) for k in ("init_weights", "support", "queries")
+  ]
+  plain = method_name == PLAIN
+  # The plain solve: for tfp_bdf, adapt runs it as the adjoint's forward.
+  method = (
+    comln_tf.Backprop(tangent_control=False)
+    if plain
+    else method_for(method_name)
+  )
+
+  def query_loss(init_weights, support, queries, t_final):
+    weights, stats = comln_tf.adapt(
+      init_weights,
+      support,
+      data["support_labels"],
+      t_final,
+      method=method,
+      solver=solver,
+      rtol=1e-5,
+      atol=1e-5,
+      max_steps=max_steps,
+      tasks_per_solve=tasks_per_solve or None,
+      return_stats=True,
+    )
+    logits = tf.matmul(queries, weights, transpose_b=True)
+    loss = tf.reduce_mean(
+      tf.nn.sparse_softmax_cross_entropy_with_logits(
+        data["query_labels"], logits
+      )
+    )
+    return loss, stats
+
+  def meta_gradient(init_weights, support, queries, t_final):
+    with tf.GradientTape() as tape:
+      tape.watch([init_weights, support, queries, t_final])
+      loss, stats = query_loss(init_weights, support, queries, t_final)
+    grads = tape.gradient(loss, [init_weights, support, queries, t_final])
+    return loss, grads, stats
+
+  def loss_only(*args):
+    loss, stats = query_loss(*args)
+    return loss, [], stats
+
+  run = tf.function(loss_only if plain else meta_gradient, jit_compile=xla)
+  t_final = tf.constant(float(t_final), tf.float32)
+  (loss, grads, stats), *timing = measure(run, [*inputs, t_final], repeats)
+  return (loss, grads, stats, *timing)
+
+
 def measure(run, args, repeats):
   """Times `run(*args)` and its peak CPU memory, after a first (compiling) call.
 
