@@ -92,8 +92,8 @@ class _Flow:
 
   Attributes:
     logits0: [B, M, N]. gram: [B, M, M]. labels: [B, M, N].
-    probe: None, or the direction (dL0 [B, M, N], dG [B, M, M]) of the
-      probe tangent.
+    probe: None, or the direction (dL0 [M, N], dG [M, M]) of the probe
+      tangent, every task's.
   """
 
   def __init__(self, logits0, gram, labels, probe):
@@ -123,7 +123,7 @@ class _Flow:
     d_logits = (
       probe_logits0
       - both[..., num_classes:]
-      - _reduced.gram_matmul(probe_gram, s)
+      - _reduced.gram_matmul(probe_gram[None], s)
     )
     d_probs = probs * (
       d_logits - tf.reduce_sum(probs * d_logits, -1, keepdims=True)
@@ -526,10 +526,13 @@ class DiscreteAdjoint(_gradient_methods.GradientMethod):
         return _vjp(
           init_weights,
           support_embeddings,
+          logits0,
+          gram,
           labels,
           t_final,
           s_final,
           d_weights,
+          d_final,
           d_logits0,
           d_gram_sym,
         )

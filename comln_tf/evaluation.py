@@ -9,7 +9,9 @@ every machine is evaluated on the same episodes.
 import json
 import math
 import os
+from typing import Any, Callable, Dict, Mapping, Sequence
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -26,7 +28,11 @@ VALIDATION_SEED = 1
 CLASSIFIERS = ("comln", "prototypes")
 
 
-def prototype_logits(support_embeddings, support_labels, query_embeddings):
+def prototype_logits(
+  support_embeddings: tf.Tensor,
+  support_labels: tf.Tensor,
+  query_embeddings: tf.Tensor,
+) -> tf.Tensor:
   """Minus the squared Euclidean distances of queries to the class means.
 
   The classifier of Prototypical Networks (Snell et al. 2017).
@@ -55,7 +61,7 @@ def prototype_logits(support_embeddings, support_labels, query_embeddings):
   )
 
 
-def check_classifier(classifier):
+def check_classifier(classifier: str) -> None:
   """Raises ValueError unless `classifier` is one of CLASSIFIERS."""
   if classifier not in CLASSIFIERS:
     raise ValueError(
@@ -63,7 +69,9 @@ def check_classifier(classifier):
     )
 
 
-def accuracy_function(model, classifier="comln"):
+def accuracy_function(
+  model: keras.Model, classifier: str = "comln"
+) -> Callable[[Mapping[str, tf.Tensor]], tf.Tensor]:
   """A compiled function: meta-batch of episodes -> accuracy per episode.
 
   Args:
@@ -98,7 +106,11 @@ def accuracy_function(model, classifier="comln"):
   return accuracies
 
 
-def episode_accuracies(accuracy_fn, episodes, batch_size):
+def episode_accuracies(
+  accuracy_fn: Callable[[Mapping[str, tf.Tensor]], tf.Tensor],
+  episodes: tf.data.Dataset,
+  batch_size: int,
+) -> np.ndarray:
   """Runs `accuracy_fn` over a finite set of episodes.
 
   Args:
@@ -114,7 +126,7 @@ def episode_accuracies(accuracy_fn, episodes, batch_size):
   return np.concatenate(results)
 
 
-def summarize(accuracies):
+def summarize(accuracies: Sequence[float]) -> Dict[str, Any]:
   """Mean and 95% confidence interval of per-episode accuracies.
 
   The interval is 1.96 * std / sqrt(n), with the population standard
@@ -137,19 +149,19 @@ def summarize(accuracies):
 
 
 def evaluate(
-  model,
-  class_set,
+  model: keras.Model,
+  class_set: data.ClassSet,
   *,
-  ways,
-  shots,
-  queries,
-  num_episodes=1000,
-  seed=TEST_SEED,
-  batch_size=16,
-  rotate_classes=False,
-  classifier="comln",
-  class_sampling="uniform",
-):
+  ways: int,
+  shots: int,
+  queries: int,
+  num_episodes: int = 1000,
+  seed: int = TEST_SEED,
+  batch_size: int = 16,
+  rotate_classes: bool = False,
+  classifier: str = "comln",
+  class_sampling: str = "uniform",
+) -> Dict[str, Any]:
   """Mean accuracy and 95% interval of `model` on fixed episodes.
 
   Args:
@@ -200,7 +212,7 @@ def evaluate(
   }
 
 
-def write_json(path, value):
+def write_json(path: str, value: Any) -> None:
   """Writes `value` as JSON to `path`, atomically (temporary file + rename).
 
   A reader, or a run killed mid-write, never sees half a file.

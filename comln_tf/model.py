@@ -1,5 +1,7 @@
 """The COMLN Keras model: a backbone and a gradient-flow classifier head."""
 
+from typing import Mapping, Optional, Tuple, Union
+
 import keras
 import tensorflow as tf
 
@@ -51,7 +53,13 @@ class COMLN(keras.Model):
     float32 [B, Q, N] query logits (and the SolveStats if return_stats).
   """
 
-  def __init__(self, backbone, classifier, weight_decay=0.0, **kwargs):
+  def __init__(
+    self,
+    backbone: Union[str, keras.layers.Layer],
+    classifier: layers.GradientFlowClassifier,
+    weight_decay: float = 0.0,
+    **kwargs,
+  ):
     super().__init__(**kwargs)
     if isinstance(backbone, str):
       backbone = backbones.get_backbone(backbone)
@@ -104,7 +112,9 @@ class COMLN(keras.Model):
     logits = self.classifier.logits(query_embeddings, weights)
     return (logits, stats) if return_stats else logits
 
-  def embed_episode(self, inputs, training=None):
+  def embed_episode(
+    self, inputs: Mapping[str, tf.Tensor], training: Optional[bool] = None
+  ) -> Tuple[tf.Tensor, tf.Tensor]:
     """Support and query embeddings of each task.
 
     Args:
@@ -125,7 +135,7 @@ class COMLN(keras.Model):
     return embeddings[:, :num_support], embeddings[:, num_support:]
 
   @staticmethod
-  def query_loss(query_labels, logits):
+  def query_loss(query_labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
     """Mean cross-entropy over tasks and queries.
 
     Args:

@@ -7,7 +7,9 @@ respect to W0, the support and query embeddings and T; the "plain" case
 computes the query loss after the plain solve of s (no gradient, no
 tangent), the floor every meta-gradient pays. The table shows each
 method's time and its ratio to the plain solve of the same shape and T,
-measured in the same run. Compiled with XLA (`jit_compile=True`) except
+timed in the method's process with the two functions' calls interleaved
+(timings of separate processes differed by up to 30% from one process to
+the next). Compiled with XLA (`jit_compile=True`) except
 the methods in --no_xla (backprop's tape under XLA preallocates
 `max_steps` iterations).
 
@@ -96,7 +98,12 @@ launch.require_positive_list(_T_FINALS)
 
 
 def run_case(case):
-  """Times one (method, ways, shots, T) case in this process; returns a dict."""
+  """Times one (method, ways, shots, T) case in this process; returns a dict.
+
+  A gradient method's case also times the plain solve of the same workload
+  in the same process, its calls interleaved with the method's
+  ("plain_ms"): the ratio of the two is what the table reports.
+  """
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   data = workloads.make_workload(
@@ -106,20 +113,27 @@ def run_case(case):
     case["queries"],
     case["embedding_size"],
   )
-  loss, grads, stats, compile_seconds, times, peaks = workloads.time_query_loss(
-    data,
-    case["method"],
-    "dopri5",
-    case["t_final"],
-    case["max_steps"],
-    case["tasks_per_solve"],
-    case["xla"],
+  names = [case["method"]] + ([] if case["method"] == PLAIN else [PLAIN])
+  results = workloads.measure(
+    [
+      workloads.query_loss_function(
+        data,
+        name,
+        "dopri5",
+        case["t_final"],
+        case["max_steps"],
+        case["tasks_per_solve"],
+        case["xla"] or name == PLAIN,
+      )
+      for name in names
+    ],
     case["repeats"],
   )
+  (loss, grads, stats), compile_seconds, times, peaks = results[0]
   finite = bool(np.isfinite(loss)) and all(
     bool(np.all(np.isfinite(g))) for g in grads
   )
-  return dict(
+  result = dict(
     case,
     ms=1000 * float(np.median(times)),
     compile_s=compile_seconds,
@@ -127,6 +141,9 @@ def run_case(case):
     num_evals=int(stats.num_evals),
     finite=finite,
   )
+  if len(results) > 1:
+    result["plain_ms"] = 1000 * float(np.median(results[1][2]))
+  return result
 
 
 def _run_in_subprocess(case):
@@ -150,8 +167,8 @@ def _shape(result):
 def format_table(results):
   """Markdown table: a row per shape and T, a column per method.
 
-  Each cell: ms per meta-batch, its ratio to the plain solve of the row,
-  peak MB and ODE evaluations of the forward solve.
+  Each cell: ms per meta-batch, its ratio to the plain solve timed in the
+  same process, peak MB and ODE evaluations of the forward solve.
   """
   methods = list(dict.fromkeys(r["method"] for r in results))
   rows = {}
@@ -162,7 +179,6 @@ def format_table(results):
     "|---|---|" + "---|" * len(methods),
   ]
   for (shape, t_final), by_method in rows.items():
-    plain = by_method.get(PLAIN)
     cells = []
     for method in methods:
       r = by_method.get(method)
@@ -171,11 +187,7 @@ def format_table(results):
       elif "error" in r:
         cells.append(f"error: {r['error']}")
       else:
-        ratio = (
-          f" ({r['ms'] / plain['ms']:.1f}x)"
-          if plain and "ms" in plain and method != PLAIN
-          else ""
-        )
+        ratio = f" ({r['ms'] / r['plain_ms']:.1f}x)" if "plain_ms" in r else ""
         note = "" if r["finite"] else ", NOT FINITE"
         xla = "" if r["xla"] else ", no XLA"
         cells.append(

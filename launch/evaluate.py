@@ -9,6 +9,7 @@ Example:
   python -m launch.evaluate --model_dir=runs/omniglot_5w1s
 """
 
+import re
 import sys
 
 from absl import app
@@ -93,6 +94,16 @@ flags.mark_flag_as_required("model_dir")
 
 FLAGS = flags.FLAGS
 
+# evaluate_run's arguments whose flags are named otherwise.
+_FLAG_OF_ARGUMENT = {"which": "checkpoint", "num_episodes": "episodes"}
+
+
+def _with_flag_names(message: str) -> str:
+  """An evaluate_run error, naming these flags rather than its arguments."""
+  for argument, flag in _FLAG_OF_ARGUMENT.items():
+    message = re.sub(rf"(?<![\w.-]){argument}\b", f"--{flag}", message)
+  return message
+
 
 def main(argv):
   launch.start(argv)
@@ -115,7 +126,7 @@ def main(argv):
       class_sampling=FLAGS.class_sampling,
     )
   except training.ConfigError as error:
-    sys.exit(f"error: {error}")
+    sys.exit(f"error: {_with_flag_names(str(error))}")
   details = ", classes rotated" if results["rotate_classes"] else ""
   if results["class_sampling"] != "uniform":
     details += f", classes {results['class_sampling'].replace('_', ' ')}"

@@ -11,6 +11,8 @@ Examples:
   python -m launch.train --config=configs/omniglot_5w1s.py \
       --config.optim.learning_rate=0.05 --model_dir=runs/omniglot_5w1s
   python -m launch.train --model_dir=runs/omniglot_5w1s    # resume it
+  python -m launch.train --model_dir=runs/omniglot_5w1s \
+      --config.schedule.steps=600                        # and extend it
   python -m launch.train --config=configs/omniglot_5w1s.py --dry_run
 Distributed over two logical CPU devices:
   python -m launch.train --config=configs/omniglot_5w1s.py --model_dir=x \
@@ -18,6 +20,7 @@ Distributed over two logical CPU devices:
       --config.run.devices="['/cpu:0', '/cpu:1']"
 """
 
+import os
 import sys
 
 from absl import app
@@ -51,9 +54,39 @@ _PROGRESS = flags.DEFINE_bool(
 )
 
 
+def _with_saved_config(argv):
+  """argv, with --config=<the run's saved config> added when it has
+  --config.<field> overrides and a --model_dir but no --config: the
+  overrides then apply to the run's config (to extend or resume it)."""
+  has_config = any(
+    arg == "--config" or arg.startswith("--config=") for arg in argv
+  )
+  has_overrides = any(arg.startswith("--config.") for arg in argv)
+  model_dir = None
+  for index, arg in enumerate(argv):
+    if arg.startswith("--model_dir="):
+      model_dir = arg.split("=", 1)[1]
+    elif arg == "--model_dir" and index + 1 < len(argv):
+      model_dir = argv[index + 1]
+  if has_config or not has_overrides:
+    return argv
+  if model_dir is None:
+    sys.exit(
+      "error: --config.<field> overrides need --config (e.g. "
+      "configs/omniglot_5w1s.py) or the --model_dir of a saved run."
+    )
+  try:
+    training.load_config(model_dir)  # Fails here with a one-line error.
+  except (FileNotFoundError, training.ConfigError) as error:
+    sys.exit(f"error: {error}")
+  saved = os.path.join(os.path.dirname(__file__), "saved_config.py")
+  return argv[:1] + [f"--config={saved}:{model_dir}"] + argv[1:]
+
+
 def _parse_flags(argv):
   """absl's flag parsing, with a one-line error for an unknown config field
   (ml_collections raises a KeyError from inside the parser)."""
+  argv = _with_saved_config(argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as error:

@@ -25,10 +25,10 @@ METHODS = (
 PLAIN = "plain"
 
 
-def time_query_loss(
-  data, method_name, solver, t_final, max_steps, tasks_per_solve, xla, repeats
+def query_loss_function(
+  data, method_name, solver, t_final, max_steps, tasks_per_solve, xla
 ):
-  """Times the query loss of a workload, or its meta-gradient.
+  """The query loss of a workload, or its meta-gradient, as a tf.function.
 
   The loss is the mean query cross-entropy after `adapt`; with a method
   name other than PLAIN, its gradient with respect to W0, the support and
@@ -40,12 +40,11 @@ def time_query_loss(
     solver: the solver name of `adapt`.
     t_final: T. max_steps: of the solve. tasks_per_solve: 0 or None for
       all tasks at once.
-    xla: compile with XLA. repeats: timed calls (see `measure`).
+    xla: compile with XLA.
 
   Returns:
-    (loss, gradients (empty for PLAIN), SolveStats, as numpy, then the
-    seconds of the first call, the list of timed seconds, the list of peak
-    bytes).
+    (run, args): `run(*args)` returns (loss, gradients (empty for PLAIN),
+    SolveStats).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
@@ -96,41 +95,61 @@ def time_query_loss(
     return loss, [], stats
 
   run = tf.function(loss_only if plain else meta_gradient, jit_compile=xla)
-  t_final = tf.constant(float(t_final), tf.float32)
-  (loss, grads, stats), *timing = measure(run, [*inputs, t_final], repeats)
+  return run, [*inputs, tf.constant(float(t_final), tf.float32)]
+
+
+def time_query_loss(
+  data, method_name, solver, t_final, max_steps, tasks_per_solve, xla, repeats
+):
+  """Times `query_loss_function(...)` (see there for the arguments).
+
+  Returns:
+    (loss, gradients (empty for PLAIN), SolveStats, as numpy, then the
+    seconds of the first call, the list of timed seconds, the list of peak
+    bytes).
+  """
+  function = query_loss_function(
+    data, method_name, solver, t_final, max_steps, tasks_per_solve, xla
+  )
+  ((loss, grads, stats), *timing) = measure([function], repeats)[0]
   return (loss, grads, stats, *timing)
 
 
-def measure(run, args, repeats):
-  """Times `run(*args)` and its peak CPU memory, after a first (compiling) call.
+def measure(functions, repeats):
+  """Times functions and their peak CPU memory, after a first (compiling) call.
+
+  The timed calls are interleaved (one of each function in turn), so that
+  drifts of the machine's speed affect every function alike: ratios of
+  their times are steadier than times taken one after the other.
 
   Args:
-    run: a tf.function returning a structure of tensors, the first a
-      tensor.
-    args: its arguments.
-    repeats: timed calls after the first.
+    functions: list of (run, args): a tf.function returning a structure of
+      tensors, the first a tensor, and its arguments.
+    repeats: timed calls of each function after its first.
 
   Returns:
-    (outputs of the first call as numpy, seconds of the first call, list of
-    seconds of each timed call, list of peak bytes of each timed call).
+    A list with, for each function: (outputs of its first call as numpy,
+    seconds of its first call, list of seconds of each timed call, list of
+    peak bytes of each timed call).
   """
   import tensorflow as tf  # Only the benchmark processes need it.
 
-  start = time.perf_counter()
-  outputs = run(*args)
-  first = tf.nest.map_structure(lambda x: x.numpy(), outputs)
-  compile_seconds = time.perf_counter() - start
-  times, peaks = [], []
-  for _ in range(repeats):
-    # The previous run's outputs are freed first: the peak is one run's.
-    del outputs
-    tf.config.experimental.reset_memory_stats("CPU:0")
+  results = []
+  for run, args in functions:
     start = time.perf_counter()
-    outputs = run(*args)
-    outputs[0].numpy()
-    times.append(time.perf_counter() - start)
-    peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"])
-  return first, compile_seconds, times, peaks
+    first = tf.nest.map_structure(lambda x: x.numpy(), run(*args))
+    results.append((first, time.perf_counter() - start, [], []))
+  for _ in range(repeats):
+    for (run, args), (_, _, times, peaks) in zip(functions, results):
+      # Only this call's buffers are alive: the peak is one call's.
+      tf.config.experimental.reset_memory_stats("CPU:0")
+      start = time.perf_counter()
+      outputs = run(*args)
+      outputs[0].numpy()
+      times.append(time.perf_counter() - start)
+      peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"])
+      del outputs
+  return results
 
 
 def make_workload(

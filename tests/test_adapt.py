@@ -19,6 +19,7 @@ import cli_helpers
 import comln_tf
 from comln_tf import _reduced
 from comln_tf import _solvers
+from launch import workloads
 from references import TIGHT
 from references import TIGHTEST
 from references import assert_gradients_match_finite_differences
@@ -111,6 +112,24 @@ def test_benchmark_clis_name_a_bad_list_flag(module, args, message):
     result.stderr
   )
   assert "Traceback" not in result.stderr
+
+
+def test_benchmark_times_the_plain_solve_interleaved_with_the_method():
+  # The method's ratio to the plain solve comes from calls taken in turn.
+  order = []
+
+  def function(name):
+    def run(value):
+      order.append(name)
+      return (tf.constant(value),)
+
+    return run, [1.0]
+
+  results = workloads.measure([function("method"), function("plain")], 3)
+  assert order == ["method", "plain"] * 4
+  for first, compile_seconds, times, peaks in results:
+    assert first == (1.0,) and compile_seconds >= 0
+    assert len(times) == 3 and len(peaks) == 3
 
 
 @pytest.mark.parametrize("method_name", ["forward", "backprop"])

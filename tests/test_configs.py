@@ -69,6 +69,8 @@ def _from_flags(args):
     default = defaults[by_name[name]]
     kind = {"clip_norm": float, "init_from": str}.get(name, int)
     flat[name] = (kind if default is None else type(default))(value)
+  # The commands without --method ran the default of that time.
+  flat.setdefault("method", "forward")
   return training.from_json(flat)
 
 

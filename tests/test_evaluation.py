@@ -321,7 +321,8 @@ def test_evaluate_cli_prints_and_writes_json(run_dir, tmp_path):
   )
 
   for args, message in [
-    (["--checkpoint=best"], "No best checkpoint"),
+    (["--checkpoint=best"], "--checkpoint='best': No best checkpoint"),
+    (["--episodes=0"], "--episodes must be an integer >= 1; got 0"),
     (["--t_final=-1"], "t_final must be a number > 0; got -1.0"),
     (["--ways=0"], "ways must be an integer >= 1; got 0"),
   ]:

@@ -425,6 +425,43 @@ def test_cli_resumes_from_the_saved_config_alone(reference_run):
   assert json.loads(dry.stdout)["data"]["ways"] == 7
 
 
+def test_cli_overrides_apply_to_the_saved_config_without_config(
+  reference_run,
+):
+  # --config.<field> with --model_dir alone: the run's config, overridden
+  # (here its step count, to extend it); a changed model is still refused.
+  saved = json.loads((reference_run / "config.json").read_text())
+  dry = cli_helpers.run(
+    "launch.train",
+    [f"--model_dir={reference_run}", "--config.schedule.steps=99", "--dry_run"],
+    timeout=120,
+  )
+  assert dry.returncode == 0, dry.stderr[-3000:]
+  extended = json.loads(dry.stdout)
+  assert extended["schedule"]["steps"] == 99
+  extended["schedule"]["steps"] = saved["schedule"]["steps"]
+  assert training.flatten(extended) == training.flatten(
+    training.make_config(base=training.from_json(saved))
+  )
+  refused = cli_helpers.run(
+    "launch.train",
+    [f"--model_dir={reference_run}", "--config.data.ways=4"],
+    timeout=120,
+  )
+  assert refused.returncode != 0
+  assert "config.data.ways=4 (saved run: 5)" in refused.stderr
+  for args, message in [
+    (["--config.schedule.steps=9", "--dry_run"], "overrides need --config"),
+    (
+      ["--model_dir=/nonexistent", "--config.schedule.steps=9"],
+      "No config.json in model_dir '/nonexistent'",
+    ),
+  ]:
+    failed = cli_helpers.run("launch.train", args, timeout=120)
+    assert failed.returncode != 0 and message in failed.stderr
+    assert "Traceback" not in failed.stderr
+
+
 def test_init_from_starts_from_the_best_model_with_a_fresh_optimizer(
   tmp_path, reference_run
 ):

@@ -129,7 +129,9 @@ def default_config() -> ml_collections.ConfigDict:
   m.tie_init_rows = False
 
   config.adaptation = a = ml_collections.ConfigDict()
-  a.method = "forward"  # Meta-gradients; see comln_tf.GradientFlowClassifier.
+  # Meta-gradients: "auto" picks the cheapest exact method for the solver
+  # (comln_tf.Auto); see comln_tf.GradientFlowClassifier for the others.
+  a.method = "auto"
   a.solver = "dopri5"  # The ODE solver.
   a.rtol = 1e-5  # Tolerances of the adaptive solvers.
   a.atol = 1e-5
