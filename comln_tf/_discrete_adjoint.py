@@ -550,13 +550,14 @@ class DiscreteAdjoint(_gradient_methods.GradientMethod):
 class Auto(_gradient_methods.GradientMethod):
   """The cheapest exact method for the solver and the episode shape.
 
-  With dopri5: `DiscreteAdjoint`, at every episode shape. It costs 1.5-4
+  With dopri5: `DiscreteAdjoint`, at every episode shape. It costs 2.2-3.5
   plain solves and a fixed memory; the forward method pays for K =
   M (N - 1) + M (M + 1) / 2 sensitivity directions and was slower at every
-  shape measured, 5-way 1-shot (K = 35) included (docs/benchmarks.md,
-  "Meta-gradient methods"). With a fixed-step solver (rk4, euler), which
-  the discrete adjoint does not replay: `Forward` (exact, memory flat in
-  T). TFP's solvers pick their own method for "auto".
+  shape and T measured but 5-way 1-shot (K = 35) at T = 1, where the two
+  tie (docs/benchmarks.md, "Meta-gradient methods"). With a fixed-step
+  solver (rk4, euler), which the discrete adjoint does not replay:
+  `Forward` (exact, memory flat in T). TFP's solvers pick their own
+  method for "auto".
   """
 
   name = "auto"
