@@ -55,6 +55,47 @@ def _gradients(problem, method, jit_compile, **options):
   return float(loss), [g.numpy() for g in grads]
 
 
+def _gradients_of_unknown_shapes(problem, method, jit_compile, **options):
+  """`_gradients`, traced with M unknown: the probe direction is drawn in
+  the graph rather than made a constant."""
+  run = tf.function(
+    lambda *args: _gradients_with_labels(method, options, *args),
+    jit_compile=jit_compile,
+    input_signature=[
+      tf.TensorSpec([None, None], tf.int32),
+      tf.TensorSpec([None, None, None], tf.float64),
+      tf.TensorSpec([None, None, None], tf.float64),
+      tf.TensorSpec([None, None], tf.int32),
+      tf.TensorSpec(problem["init_weights"].shape, tf.float64),
+      tf.TensorSpec([], tf.float64),
+    ],
+  )
+  loss, grads = run(
+    tf.constant(problem["labels"], tf.int32),
+    tf.constant(problem["support"]),
+    tf.constant(problem["queries"]),
+    tf.constant(problem["query_labels"], tf.int32),
+    tf.constant(problem["init_weights"]),
+    tf.constant(problem["t_final"], tf.float64),
+  )
+  return float(loss), [g.numpy() for g in grads]
+
+
+def _gradients_with_labels(
+  method, options, labels, support, queries, query_labels, init_weights, t
+):
+  with tf.GradientTape() as tape:
+    tape.watch([init_weights, support, queries, t])
+    weights = comln_tf.adapt(
+      init_weights, support, labels, t, method=method, **options
+    )
+    logits = tf.matmul(queries, weights, transpose_b=True)
+    loss = tf.reduce_mean(
+      tf.nn.sparse_softmax_cross_entropy_with_logits(query_labels, logits)
+    )
+  return loss, tape.gradient(loss, [init_weights, support, queries, t])
+
+
 def _assert_matches_finite_differences(problem, grads, tolerance=1e-6):
   names = ["init_weights", "support", "queries", "t_final"]
   point = [problem[n] for n in names]
@@ -108,6 +149,20 @@ def test_xla_replay_of_thinned_checkpoints_matches_finite_differences():
   _, grads = _gradients(
     problem, comln_tf.DiscreteAdjoint(checkpoints=4), jit_compile=True, **TIGHT
   )
+  _assert_matches_finite_differences(problem, grads)
+
+
+@pytest.mark.parametrize(
+  "method, jit_compile",
+  [
+    ("discrete_adjoint", False),
+    ("discrete_adjoint", True),
+    ("backprop", False),
+  ],
+)
+def test_unknown_shapes_match_finite_differences(method, jit_compile):
+  problem = make_problem(num_tasks=2, seed=15)
+  _, grads = _gradients_of_unknown_shapes(problem, method, jit_compile, **TIGHT)
   _assert_matches_finite_differences(problem, grads)
 
 
