@@ -235,7 +235,7 @@ def adapt(
   support_labels: tf.Tensor,
   t_final: Union[float, tf.Tensor],
   *,
-  method: Union[str, _gradient_methods.GradientMethod] = "forward",
+  method: Union[str, _gradient_methods.GradientMethod] = "auto",
   solver: Union[str, _solvers.Solver] = "dopri5",
   rtol: float = 1e-5,
   atol: float = 1e-5,
@@ -263,8 +263,9 @@ def adapt(
       sensitivities, memory independent of T; cost grows as M^4 N),
       "discrete_adjoint" (reverse pass over the accepted dopri5 steps: exact
       for the discrete solution, runs under XLA, memory fixed by its
-      checkpoint slots; 2-4 plain solves), "auto" (the cheapest exact
-      method for the solver and episode shape, see `Auto`), "backprop"
+      checkpoint slots; 2-3.5 plain solves), "auto" (the default: the
+      cheapest exact method for the solver and episode shape, see
+      `Auto`), "backprop"
       (through the solver steps, memory growing with them; the step control
       also watches one probe tangent, which keeps this gradient accurate at
       large T), "adjoint" (continuous adjoint, inaccurate at large T), or a
@@ -469,6 +470,29 @@ def adapt(
         / tf.cast(tf.shape(labels)[-1], dtype),
       ],
       0,
+    )
+  if support_embeddings.shape[-2] is None:
+    # M known only at run time: M = 0 (refused above; NaN under XLA) gets
+    # one neutral example, so that no solver buffer is empty (XLA refuses
+    # to compile the discrete adjoint's slot updates into an empty one).
+    padding = tf.maximum(1 - tf.shape(support_embeddings)[-2], 0)
+    batch = tf.shape(support_embeddings)[0]
+    support_embeddings = tf.concat(
+      [
+        support_embeddings,
+        tf.zeros(
+          tf.stack([batch, padding, tf.shape(support_embeddings)[-1]]), dtype
+        ),
+      ],
+      -2,
+    )
+    labels = tf.concat(
+      [
+        labels,
+        tf.ones(tf.stack([batch, padding, tf.shape(labels)[-1]]), dtype)
+        / tf.cast(tf.shape(labels)[-1], dtype),
+      ],
+      -2,
     )
   weights, stats = _solve_in_groups(
     lambda x, y: gradient_method(
