@@ -141,6 +141,26 @@ def _solve_in_groups(solve, support_embeddings, labels, tasks_per_solve):
   )
 
 
+def _with_one_neutral_if_empty(support_embeddings, labels, axis):
+  """(X [B, M, d], Y [B, M, N]) with one neutral entry appended along
+  `axis` (0: a task, 1: an example) when that axis is empty.
+
+  Neutral: zero embeddings and uniform labels, on which the flow stands
+  still. Both tensors unchanged otherwise.
+  """
+  dtype = support_embeddings.dtype
+  padding = tf.maximum(1 - tf.shape(support_embeddings)[axis], 0)
+
+  def padded(tensor, fill):
+    shape = tf.tensor_scatter_nd_update(tf.shape(tensor), [[axis]], [padding])
+    return tf.concat([tensor, tf.fill(shape, fill)], axis)
+
+  uniform = 1.0 / tf.cast(tf.shape(labels)[-1], dtype)
+  return padded(support_embeddings, tf.zeros([], dtype)), padded(
+    labels, uniform
+  )
+
+
 def _check_static_sizes(init_weights, support_embeddings, t_final):
   """Raises ValueError on sizes and times known bad when tracing.
 
@@ -449,50 +469,19 @@ def adapt(
 
   num_tasks = support_embeddings.shape[0]
   if num_tasks is None:
-    # B known only at run time: zero tasks get one neutral task (zero
-    # embeddings, uniform labels: the flow stands still), so that the solve
-    # and its gradient never see an empty batch; it is dropped below.
+    # B known only at run time: zero tasks get one neutral task, so that
+    # the solve and its gradient never see an empty batch; it is dropped
+    # below.
     num_tasks = tf.shape(support_embeddings)[0]
-    padding = tf.maximum(1 - num_tasks, 0)
-    support_embeddings = tf.concat(
-      [
-        support_embeddings,
-        tf.zeros(
-          tf.concat([[padding], tf.shape(support_embeddings)[1:]], 0), dtype
-        ),
-      ],
-      0,
-    )
-    labels = tf.concat(
-      [
-        labels,
-        tf.ones(tf.concat([[padding], tf.shape(labels)[1:]], 0), dtype)
-        / tf.cast(tf.shape(labels)[-1], dtype),
-      ],
-      0,
+    support_embeddings, labels = _with_one_neutral_if_empty(
+      support_embeddings, labels, axis=0
     )
   if support_embeddings.shape[-2] is None:
     # M known only at run time: M = 0 (refused above; NaN under XLA) gets
     # one neutral example, so that no solver buffer is empty (XLA refuses
     # to compile the discrete adjoint's slot updates into an empty one).
-    padding = tf.maximum(1 - tf.shape(support_embeddings)[-2], 0)
-    batch = tf.shape(support_embeddings)[0]
-    support_embeddings = tf.concat(
-      [
-        support_embeddings,
-        tf.zeros(
-          tf.stack([batch, padding, tf.shape(support_embeddings)[-1]]), dtype
-        ),
-      ],
-      -2,
-    )
-    labels = tf.concat(
-      [
-        labels,
-        tf.ones(tf.stack([batch, padding, tf.shape(labels)[-1]]), dtype)
-        / tf.cast(tf.shape(labels)[-1], dtype),
-      ],
-      -2,
+    support_embeddings, labels = _with_one_neutral_if_empty(
+      support_embeddings, labels, axis=1
     )
   weights, stats = _solve_in_groups(
     lambda x, y: gradient_method(

@@ -122,17 +122,30 @@ def stiff_problem():
   return problem, direction, finite_difference
 
 
-def engine_loss_and_gradients(problem, method, solver="dopri5", **options):
-  """Query loss and its gradients w.r.t. (W0, X, Xq, T) from the engine."""
+def engine_loss_and_gradients(
+  problem,
+  method,
+  solver="dopri5",
+  jit_compile=False,
+  unknown_shapes=False,
+  **options,
+):
+  """Query loss and its gradients w.r.t. (W0, X, Xq, T) from the engine.
 
-  @tf.function
-  def run(init_weights, support, queries, t_final):
+  Args:
+    problem: of `make_problem`. method, solver, **options: of `adapt`.
+    jit_compile: trace under XLA.
+    unknown_shapes: trace with the batch, example and query counts unknown
+      (as a serving signature does), the labels int32.
+  """
+
+  def run(labels, support, queries, query_labels, init_weights, t_final):
     with tf.GradientTape() as tape:
       tape.watch([init_weights, support, queries, t_final])
       weights = comln_tf.adapt(
         init_weights,
         support,
-        problem["labels"],
+        labels,
         t_final,
         method=method,
         solver=solver,
@@ -140,18 +153,27 @@ def engine_loss_and_gradients(problem, method, solver="dopri5", **options):
       )
       logits = tf.matmul(queries, weights, transpose_b=True)
       loss = tf.reduce_mean(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(
-          problem["query_labels"], logits
-        )
+        tf.nn.sparse_softmax_cross_entropy_with_logits(query_labels, logits)
       )
     return loss, tape.gradient(loss, [init_weights, support, queries, t_final])
 
-  loss, grads = run(
-    tf.constant(problem["init_weights"]),
+  labels_dtype = tf.int32 if unknown_shapes else None
+  arguments = [
+    tf.constant(problem["labels"], labels_dtype),
     tf.constant(problem["support"]),
     tf.constant(problem["queries"]),
+    tf.constant(problem["query_labels"], labels_dtype),
+    tf.constant(problem["init_weights"]),
     tf.constant(problem["t_final"], tf.float64),
-  )
+  ]
+  signature = None
+  if unknown_shapes:
+    signature = [
+      tf.TensorSpec([None] * len(a.shape), a.dtype) for a in arguments[:4]
+    ] + [tf.TensorSpec.from_tensor(a) for a in arguments[4:]]
+  loss, grads = tf.function(
+    run, jit_compile=jit_compile, input_signature=signature
+  )(*arguments)
   return float(loss), [g.numpy() for g in grads]
 
 

@@ -18,82 +18,11 @@ import comln_tf
 from comln_tf import _discrete_adjoint
 from references import TIGHT
 from references import assert_gradients_match_finite_differences
+from references import engine_loss_and_gradients
 from references import make_problem
 from references import reference_loss
 from references import softmax
 from references import stiff_problem
-
-
-def _gradients(problem, method, jit_compile, **options):
-  """Query loss and gradients w.r.t. (W0, X, Xq, T), optionally under XLA."""
-
-  def run(init_weights, support, queries, t_final):
-    with tf.GradientTape() as tape:
-      tape.watch([init_weights, support, queries, t_final])
-      weights = comln_tf.adapt(
-        init_weights,
-        support,
-        problem["labels"],
-        t_final,
-        method=method,
-        **options,
-      )
-      logits = tf.matmul(queries, weights, transpose_b=True)
-      loss = tf.reduce_mean(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(
-          problem["query_labels"], logits
-        )
-      )
-    return loss, tape.gradient(loss, [init_weights, support, queries, t_final])
-
-  loss, grads = tf.function(run, jit_compile=jit_compile)(
-    tf.constant(problem["init_weights"]),
-    tf.constant(problem["support"]),
-    tf.constant(problem["queries"]),
-    tf.constant(problem["t_final"], tf.float64),
-  )
-  return float(loss), [g.numpy() for g in grads]
-
-
-def _gradients_of_unknown_shapes(problem, method, jit_compile, **options):
-  """`_gradients`, traced with M unknown: the probe direction is drawn in
-  the graph rather than made a constant."""
-  run = tf.function(
-    lambda *args: _gradients_with_labels(method, options, *args),
-    jit_compile=jit_compile,
-    input_signature=[
-      tf.TensorSpec([None, None], tf.int32),
-      tf.TensorSpec([None, None, None], tf.float64),
-      tf.TensorSpec([None, None, None], tf.float64),
-      tf.TensorSpec([None, None], tf.int32),
-      tf.TensorSpec(problem["init_weights"].shape, tf.float64),
-      tf.TensorSpec([], tf.float64),
-    ],
-  )
-  loss, grads = run(
-    tf.constant(problem["labels"], tf.int32),
-    tf.constant(problem["support"]),
-    tf.constant(problem["queries"]),
-    tf.constant(problem["query_labels"], tf.int32),
-    tf.constant(problem["init_weights"]),
-    tf.constant(problem["t_final"], tf.float64),
-  )
-  return float(loss), [g.numpy() for g in grads]
-
-
-def _gradients_with_labels(
-  method, options, labels, support, queries, query_labels, init_weights, t
-):
-  with tf.GradientTape() as tape:
-    tape.watch([init_weights, support, queries, t])
-    weights = comln_tf.adapt(
-      init_weights, support, labels, t, method=method, **options
-    )
-    logits = tf.matmul(queries, weights, transpose_b=True)
-    loss = tf.reduce_mean(
-      tf.nn.sparse_softmax_cross_entropy_with_logits(query_labels, logits)
-    )
-  return loss, tape.gradient(loss, [init_weights, support, queries, t])
 
 
 def _assert_matches_finite_differences(problem, grads, tolerance=1e-6):
@@ -133,7 +62,7 @@ def test_xla_batched_soft_labels_match_finite_differences():
     rng.normal(size=problem["labels"].shape + (3,))
   )
   for options in ({}, dict(tasks_per_solve=2)):
-    loss, grads = _gradients(
+    loss, grads = engine_loss_and_gradients(
       problem, "discrete_adjoint", jit_compile=True, **TIGHT, **options
     )
     point = [
@@ -146,7 +75,7 @@ def test_xla_batched_soft_labels_match_finite_differences():
 def test_xla_replay_of_thinned_checkpoints_matches_finite_differences():
   problem = make_problem(num_tasks=2, seed=13)
   problem["support"][0] *= 2.0
-  _, grads = _gradients(
+  _, grads = engine_loss_and_gradients(
     problem, comln_tf.DiscreteAdjoint(checkpoints=4), jit_compile=True, **TIGHT
   )
   _assert_matches_finite_differences(problem, grads)
@@ -162,7 +91,9 @@ def test_xla_replay_of_thinned_checkpoints_matches_finite_differences():
 )
 def test_unknown_shapes_match_finite_differences(method, jit_compile):
   problem = make_problem(num_tasks=2, seed=15)
-  _, grads = _gradients_of_unknown_shapes(problem, method, jit_compile, **TIGHT)
+  _, grads = engine_loss_and_gradients(
+    problem, method, jit_compile=jit_compile, unknown_shapes=True, **TIGHT
+  )
   _assert_matches_finite_differences(problem, grads)
 
 
@@ -176,7 +107,7 @@ def test_step_control_keeps_the_gradient_accurate_at_large_t():
   problem, direction, finite_difference = stiff_problem()
 
   def relative_error(method, jit_compile):
-    _, grads = _gradients(
+    _, grads = engine_loss_and_gradients(
       problem,
       method,
       jit_compile=jit_compile,
@@ -265,7 +196,7 @@ def test_auto_picks_by_solver_and_shape():
 )
 def test_auto_matches_finite_differences(solver, options):
   problem = make_problem(seed=14)
-  _, grads = _gradients(
+  _, grads = engine_loss_and_gradients(
     problem, "auto", jit_compile=False, solver=solver, **TIGHT, **options
   )
   _assert_matches_finite_differences(problem, grads)
