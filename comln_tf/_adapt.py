@@ -77,6 +77,10 @@ def _label_distributions(support_labels, num_classes, dtype, rank):
       "float support_labels must be label distributions: finite, "
       "non-negative, each row summing to 1."
     )
+    # Rows summing to 1 within 1e-3 are made to sum to 1: the flow keeps
+    # P - Y summing to zero (see `_reduced.residual`).
+    totals = tf.reduce_sum(labels, -1, keepdims=True)
+    labels = labels / tf.where(totals > 0, totals, tf.ones_like(totals))
     return labels, [tf.debugging.Assert(valid, [message])], valid
   raise TypeError(
     f"support_labels must be integer class indices or float "
@@ -298,10 +302,14 @@ def adapt(
       (TensorFlow Probability's DormandPrince and BDF, see `TFPSolver` for
       the methods each supports), or a `Solver` instance.
     rtol: relative tolerance of the adaptive solvers.
-    atol: absolute tolerance of the adaptive solvers.
+    atol: absolute tolerance of the adaptive solvers. Both hold for the
+      adapted weights, whatever the embeddings' scale: the solvers control
+      the reduced state's error as it weighs in W = W0 - s^T X.
     max_steps: most solver steps; a solve that needs more raises
       InvalidArgumentError (under XLA, where assertions are compiled away, the
-      result is NaN instead: never a silent wrong answer).
+      result is NaN instead: never a silent wrong answer). The flow is stiff
+      when the support embeddings are large (its fastest rate grows with
+      their squared norm); the message then says so.
     num_steps: number of steps of the fixed-step solvers.
     tasks_per_solve: solve the tasks of a batch in groups of this many, one
       group after another (None: all together). Smaller groups use less
@@ -496,8 +504,13 @@ def adapt(
     stats.finished,
     [
       f"The ODE solve did not reach t_final within max_steps={max_steps} "
-      f"steps (solver={getattr(ode_solver, 'name', ode_solver)}); raise "
-      f"max_steps, loosen rtol/atol or use a smaller t_final. t_final =",
+      f"steps (solver={getattr(ode_solver, 'name', ode_solver)}). The flow "
+      f"is stiff when the support embeddings are large: its fastest rate "
+      f"grows with their squared norm, here up to",
+      tf.reduce_max(tf.reduce_sum(tf.square(support_embeddings), -1)),
+      "; scale or normalise the embeddings (e.g. L2-normalise them), use "
+      "solver='tfp_bdf' (implicit), raise max_steps, loosen rtol/atol or "
+      "use a smaller t_final. t_final =",
       t_final,
     ],
   )

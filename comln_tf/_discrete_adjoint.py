@@ -107,10 +107,8 @@ class _Flow:
     """d/dt of the solver state (s,) or (s, probe)."""
     if self.probe is None:
       (s,) = state
-      return (
-        (_probabilities(s, self.logits0, self.gram) - self.labels)
-        * self.inverse_m,
-      )
+      probs = _probabilities(s, self.logits0, self.gram)
+      return (_reduced.residual(probs, self.labels) * self.inverse_m,)
     s, probe = state
     num_classes = tf.shape(s)[-1]
     # G @ [s | probe] as one product: two small products cost two kernels.
@@ -128,7 +126,10 @@ class _Flow:
     d_probs = probs * (
       d_logits - tf.reduce_sum(probs * d_logits, -1, keepdims=True)
     )
-    return ((probs - self.labels) * self.inverse_m, d_probs * self.inverse_m)
+    return (
+      _reduced.residual(probs, self.labels) * self.inverse_m,
+      d_probs * self.inverse_m,
+    )
 
   def step_vjp(self, s, h, stages, cotangent, tableau):
     """Pulls dL/ds_{n+1} back through one Runge-Kutta step of size h.
@@ -198,10 +199,13 @@ class _StepControl:
   pass and the reverse pass's recomputations take the same steps.
   """
 
-  def __init__(self, solver: _solvers.Dopri5, flow: _Flow, t_final):
+  def __init__(
+    self, solver: _solvers.Dopri5, flow: _Flow, t_final, error_weight
+  ):
     self.solver = solver
     self.flow = flow
     self.t_final = t_final
+    self.error_weight = error_weight
 
   def attempt(self, t, h, y, k1, running):
     """One step attempt for the tasks that are `running` [B].
@@ -211,7 +215,7 @@ class _StepControl:
       k1_next, the stages of s [B, 6, M, N] of the step tried): the next
       state of every task (unchanged where rejected).
     """
-    solver, dtype = self.solver, t.dtype
+    solver = self.solver
     last = running & (t + h >= self.t_final)
     h_step = tf.where(last, self.t_final - t, h)
     h_step = tf.where(running, h_step, tf.zeros_like(h_step))
@@ -227,21 +231,9 @@ class _StepControl:
     error = _combine(
       tf.nest.map_structure(tf.zeros_like, y), h_step, solver._E, ks
     )
-    scale = solver._scale(y, y_new)
-    error_norm = _rms_per_task(
-      tf.nest.map_structure(lambda e, s: e / s, error, scale)
-    )
-    finite = tf.math.is_finite(error_norm)
-    error_norm = tf.where(
-      finite,
-      error_norm,
-      tf.fill(tf.shape(error_norm), tf.constant(1e10, dtype)),
-    )
+    error_norm = solver.error_norm(error, y, y_new, self.error_weight)
     accept = running & (error_norm <= 1.0)
-    factor = tf.clip_by_value(
-      0.9 * tf.maximum(error_norm, 1e-10) ** -0.2, 0.2, 10.0
-    )
-    factor = tf.where(accept, factor, tf.minimum(factor, 1.0))
+    factor = solver.step_factor(error_norm, accept)
     t_next = tf.where(accept, tf.where(last, self.t_final, t + h_step), t)
     h_next = tf.where(running, h_step * factor, h)
     where = _where_per_task
@@ -338,12 +330,17 @@ class DiscreteAdjoint(_gradient_methods.GradientMethod):
       if self.tangent_control:
         probe = _probe_direction(logits0, gram)
       flow = _Flow(logits0, gram, labels, probe)
-      control = _StepControl(solver, flow, t_final)
+      error_weight = _gradient_methods.state_error_weight(
+        support_embeddings, gram
+      )
+      control = _StepControl(solver, flow, t_final, error_weight)
       s0 = tf.zeros(tf.shape(labels), dtype)
       y0 = (s0, s0) if self.tangent_control else (s0,)
       batch = tf.shape(s0)[0]
       f0 = flow.field(y0)
-      h0, probe_evals = solver._initial_step(flow.field, y0, f0, t_final)
+      h0, probe_evals = solver._initial_step(
+        flow.field, y0, f0, t_final, error_weight
+      )
       num_stages = len(tableau[-1])
       shape = tf.shape(s0)[1:]
       # Slot `slots` is scratch: tasks that record nothing write there.

@@ -86,7 +86,34 @@ def reduced_vector_field(s, logits0, gram, labels):
   """
   logits = logits0 - gram_matmul(gram, s)
   num_examples = tf.cast(tf.shape(s)[-2], s.dtype)
-  return (tf.nn.softmax(logits, axis=-1) - labels) / num_examples
+  return residual(tf.nn.softmax(logits, axis=-1), labels) / num_examples
+
+
+def residual(probs, labels):
+  """P - Y row by row, with each row summing to zero as it should.
+
+  Both P and Y sum to 1 over classes, so P - Y sums to 0: the flow never
+  moves all rows of W together (a shift the softmax ignores). Computed as
+  P - Y, the most probable class's entry is 1 - 1 plus rounding once its
+  probability is within float32's epsilon of 1 (margins above about 16):
+  the row sums to the other classes' probabilities, and over a long solve W
+  drifts along that shift (by 10 times its size at T = 1000 on large
+  embeddings). So that entry is computed as minus the sum of the others,
+  which are small and exact. Mathematically the same function, with the
+  same derivatives.
+
+  Args:
+    probs: [..., N] softmax probabilities. labels: [..., N] label
+      distributions (rows summing to 1).
+
+  Returns:
+    [..., N], of probs' dtype.
+  """
+  top = tf.one_hot(
+    tf.argmax(probs, axis=-1), tf.shape(probs)[-1], dtype=probs.dtype
+  )
+  others = (probs - labels) * (1.0 - top)
+  return others - top * tf.reduce_sum(others, axis=-1, keepdims=True)
 
 
 def gram_directions(num_examples):

@@ -115,6 +115,11 @@ def _rms_per_task(nest):
   )
 
 
+def _as(value, like):
+  """A Python number as a constant of `like`'s dtype."""
+  return tf.constant(value, like.dtype)
+
+
 def _where_per_task(condition, when_true, when_false):
   return tf.nest.map_structure(
     lambda a, b: tf.where(_per_task(condition, a), a, b), when_true, when_false
@@ -127,7 +132,12 @@ class Solver:
   name = "solver"
 
   def integrate(
-    self, vector_field: VectorField, y0, t_final: tf.Tensor, max_steps: int
+    self,
+    vector_field: VectorField,
+    y0,
+    t_final: tf.Tensor,
+    max_steps: int,
+    error_weight: Optional[tf.Tensor] = None,
   ):
     """Integrates dy/dt = vector_field(y) from 0 to t_final.
 
@@ -136,6 +146,13 @@ class Solver:
       y0: initial state, a nest of tensors [B, ...] of one float dtype.
       t_final: scalar tensor > 0 of the state dtype.
       max_steps: Python int, the most loop iterations allowed.
+      error_weight: [B] positive, or None for ones: per task, how much an
+        error of the state weighs in the quantity the tolerances are meant
+        for. The adaptive solvers control the error of y * error_weight,
+        i.e. the state's absolute tolerance is atol / error_weight (the
+        gradient methods pass the factor by which the reduced state's error
+        grows into the adapted weights, see `_gradient_methods`).
+        Fixed-step solvers ignore it.
 
     Returns:
       (y_final, SolveStats). When stats.finished is False the state is not
@@ -202,19 +219,50 @@ class Dopri5(Solver):
     -1 / 40,
   )
 
-  def _scale(self, y, y_other=None):
+  def _scale(self, y, y_other=None, error_weight=None):
+    """atol / error_weight + rtol * max(|y|, |y_other|), leaf by leaf."""
+
     def leaf_scale(a, b=None):
       magnitude = tf.abs(a) if b is None else tf.maximum(tf.abs(a), tf.abs(b))
-      return (
-        tf.constant(self.atol, a.dtype)
-        + tf.constant(self.rtol, a.dtype) * magnitude
-      )
+      atol = tf.constant(self.atol, a.dtype)
+      if error_weight is not None:
+        atol = atol / _per_task(error_weight, a)
+      return atol + tf.constant(self.rtol, a.dtype) * magnitude
 
     if y_other is None:
       return tf.nest.map_structure(leaf_scale, y)
     return tf.nest.map_structure(leaf_scale, y, y_other)
 
-  def _initial_step(self, vector_field, y0, f0, t_final):
+  def error_norm(self, error, y, y_new, error_weight=None):
+    """Per task, the error measure that accepts a step when <= 1: [B].
+
+    The largest over the state's tensors of the RMS of
+    error / (atol / error_weight + rtol * max(|y|, |y_new|)); a non-finite
+    measure (overflow) becomes 1e10, a rejected step, never accepted.
+    Computed on values cut from the tape: it only chooses step sizes.
+    """
+    stop = tf.stop_gradient
+    scale = self._scale(
+      tf.nest.map_structure(stop, y),
+      tf.nest.map_structure(stop, y_new),
+      error_weight,
+    )
+    norm = _rms_per_task(
+      tf.nest.map_structure(lambda e, s: stop(e) / s, error, scale)
+    )
+    return tf.where(
+      tf.math.is_finite(norm), norm, tf.fill(tf.shape(norm), _as(1e10, norm))
+    )
+
+  @staticmethod
+  def step_factor(error_norm, accept):
+    """The next step size over the one tried: [B], at most 1 if rejected."""
+    factor = tf.clip_by_value(
+      0.9 * tf.maximum(error_norm, 1e-10) ** -0.2, 0.2, 10.0
+    )
+    return tf.where(accept, factor, tf.minimum(factor, 1.0))
+
+  def _initial_step(self, vector_field, y0, f0, t_final, error_weight=None):
     """Hairer, Norsett & Wanner (1993), II.4: a first step from two evals.
 
     One change to their rule: it takes min(100 h0, h1), where h0 = 0.01
@@ -231,7 +279,7 @@ class Dopri5(Solver):
       (h [B], the number of evaluations made: 1 for the probe f(y0 + h0 f0),
       0 when every task starts from zero and the probe is not needed).
     """
-    scale = self._scale(y0)
+    scale = self._scale(y0, error_weight=error_weight)
     ratio = lambda a, s: a / s
     d0 = _rms_per_task(tf.nest.map_structure(ratio, y0, scale))
     d1 = _rms_per_task(tf.nest.map_structure(ratio, f0, scale))
@@ -268,16 +316,22 @@ class Dopri5(Solver):
     h = tf.where(zero_state, h1, tf.minimum(100.0 * h0, h1))
     return tf.minimum(h, t_final), tf.where(all_zero, 0, 1)
 
-  def integrate(self, vector_field, y0, t_final, max_steps):
+  def integrate(self, vector_field, y0, t_final, max_steps, error_weight=None):
     leaf0 = tf.nest.flatten(y0)[0]
     dtype = leaf0.dtype
     batch = tf.shape(leaf0)[0]
     t_final = tf.cast(t_final, dtype)
     stop = tf.stop_gradient
     stop_nest = lambda nest: tf.nest.map_structure(stop, nest)
+    if error_weight is not None:
+      error_weight = stop(error_weight)
     f0 = vector_field(y0)
     h_init, probe_evals = self._initial_step(
-      vector_field, stop_nest(y0), stop_nest(f0), stop(t_final)
+      vector_field,
+      stop_nest(y0),
+      stop_nest(f0),
+      stop(t_final),
+      error_weight,
     )
     h_init = stop(h_init)
     t_init = tf.zeros([batch], dtype)
@@ -308,24 +362,9 @@ class Dopri5(Solver):
       error = _combine(
         tf.nest.map_structure(tf.zeros_like, y), h_step, self._E, ks
       )
-      scale = self._scale(stop_nest(y), stop_nest(y_new))
-      error_norm = stop(
-        _rms_per_task(
-          tf.nest.map_structure(lambda e, s: stop(e) / s, error, scale)
-        )
-      )
-      # A non-finite error (overflow) is a rejected step, never accepted.
-      finite = tf.math.is_finite(error_norm)
-      error_norm = tf.where(
-        finite,
-        error_norm,
-        tf.fill(tf.shape(error_norm), tf.constant(1e10, dtype)),
-      )
+      error_norm = self.error_norm(error, y, y_new, error_weight)
       accept = running & (error_norm <= 1.0)
-      factor = tf.clip_by_value(
-        0.9 * tf.maximum(error_norm, 1e-10) ** -0.2, 0.2, 10.0
-      )
-      factor = tf.where(accept, factor, tf.minimum(factor, 1.0))
+      factor = self.step_factor(error_norm, accept)
       t_next = tf.where(accept, tf.where(last, t_final, t + h_step), t)
       h_next = tf.where(running, stop(h_step) * factor, h)
       y_next = _where_per_task(accept, y_new, y)
@@ -354,7 +393,8 @@ class _FixedStep(Solver):
   _A = ()  # Runge-Kutta matrix rows, first row empty.
   _B = ()  # weights.
 
-  def integrate(self, vector_field, y0, t_final, max_steps):
+  def integrate(self, vector_field, y0, t_final, max_steps, error_weight=None):
+    del error_weight  # No step control.
     leaf0 = tf.nest.flatten(y0)[0]
     h = tf.fill(
       [tf.shape(leaf0)[0]],

@@ -131,6 +131,28 @@ def _bounded(ode_solver, max_steps):
   return bounded
 
 
+def _weighted_coordinates(error_weight):
+  """Maps y -> u = y * error_weight and back, leaf by leaf ([B] weights).
+
+  TFP's solvers take one scalar atol; solving for u instead of y gives the
+  state the absolute tolerance atol / error_weight per task, as the native
+  solvers' `error_weight` does (the relative tolerance is unchanged). The
+  flow is linear in that change of variables, so the solution is the same.
+  """
+  if error_weight is None:
+    identity = lambda nest: nest
+    return identity, identity
+  weight = tf.stop_gradient(error_weight)
+
+  def scaled(nest, power):
+    return tf.nest.map_structure(
+      lambda leaf: leaf * _solvers._per_task(weight**power, leaf),
+      nest,  # pylint: disable=protected-access
+    )
+
+  return (lambda nest: scaled(nest, 1.0)), (lambda nest: scaled(nest, -1.0))
+
+
 def _stats(ode_solver, diagnostics):
   """SolveStats from TFP's diagnostics, counted as the native solvers do."""
   ode = _tfp_ode()
@@ -206,22 +228,23 @@ class TFPSolver(_solvers.Solver):
   def name(self) -> str:
     return "tfp_bdf" if self.is_bdf else "tfp_dopri5"
 
-  def integrate(self, vector_field, y0, t_final, max_steps):
+  def integrate(self, vector_field, y0, t_final, max_steps, error_weight=None):
     """See `Solver.integrate`. Not meant to be differentiated (see above)."""
     leaf = tf.nest.flatten(y0)[0]
+    to_solver, from_solver = _weighted_coordinates(error_weight)
     # `_solve`, not `solve`: `solve` wraps the solve in TFP's adjoint, whose
     # gradient silently ignores tensors the vector field closes over.
     results = _bounded(self.ode_solver, max_steps)._solve(  # pylint: disable=protected-access
-      ode_fn=lambda time, y: vector_field(y),
+      ode_fn=lambda time, u: to_solver(vector_field(from_solver(u))),
       initial_time=tf.zeros([], leaf.dtype),
-      initial_state=y0,
+      initial_state=to_solver(y0),
       solution_times=tf.reshape(tf.cast(t_final, leaf.dtype), [1]),
     )
-    y_final = tf.nest.map_structure(lambda states: states[0], results.states)
-    return y_final, _stats(self.ode_solver, results.diagnostics)
+    u_final = tf.nest.map_structure(lambda states: states[0], results.states)
+    return from_solver(u_final), _stats(self.ode_solver, results.diagnostics)
 
   def integrate_with_adjoint(
-    self, vector_field, y0, t_final, max_steps, constants
+    self, vector_field, y0, t_final, max_steps, constants, error_weight=None
   ):
     """Solves with TFP's adjoint gradient for y0 and `constants`.
 
@@ -231,20 +254,24 @@ class TFPSolver(_solvers.Solver):
       t_final: scalar tensor > 0. No gradient flows to it (TFP's choice).
       max_steps: Python int, bounds the forward and the backward solve.
       constants: dict of tensors the vector field depends on.
+      error_weight: as in `Solver.integrate`.
 
     Returns:
       (y_final, SolveStats of the forward solve).
     """
     leaf = tf.nest.flatten(y0)[0]
+    to_solver, from_solver = _weighted_coordinates(error_weight)
     results = _bounded(self.ode_solver, max_steps).solve(
-      ode_fn=lambda time, y, **kwargs: vector_field(y, **kwargs),
+      ode_fn=lambda time, u, **kwargs: to_solver(
+        vector_field(from_solver(u), **kwargs)
+      ),
       initial_time=tf.zeros([], leaf.dtype),
-      initial_state=y0,
+      initial_state=to_solver(y0),
       solution_times=tf.reshape(tf.cast(t_final, leaf.dtype), [1]),
       constants=constants,
     )
-    y_final = tf.nest.map_structure(lambda states: states[0], results.states)
-    return y_final, _stats(self.ode_solver, results.diagnostics)
+    u_final = tf.nest.map_structure(lambda states: states[0], results.states)
+    return from_solver(u_final), _stats(self.ode_solver, results.diagnostics)
 
   def gradient_method_for(self, method):
     """See `Solver.gradient_method_for` and the module docstring."""
@@ -305,6 +332,9 @@ class TFPAdjoint(_gradient_methods.GradientMethod):
       t_final,
       max_steps,
       constants=dict(logits0=logits0, gram=gram),
+      error_weight=_gradient_methods.state_error_weight(
+        support_embeddings, gram
+      ),
     )
     # TFP stops the gradient on solution times; ds(T)/dT = f(s(T)). Adding
     # f * (T - T) leaves the value as it is and gives the tape that term.

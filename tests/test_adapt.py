@@ -75,7 +75,13 @@ def test_backprop_step_control_keeps_the_gradient_accurate_at_large_t():
 
 
 def test_gradient_accuracy_tool_measures_the_error():
-  """`launch.gradient_accuracy` on a stiff task: the plain failure shows."""
+  """`launch.gradient_accuracy` on a stiff task: plain control's error shows.
+
+  Measured in float32: 5e-6 (backprop), 1e-4 (forward), 3e-4 with the
+  state alone under control. Before the solvers weighed the state's error
+  as it enters W, and kept P - Y summing to zero in float32, the last was
+  wrong by more than 100%.
+  """
   from launch import gradient_accuracy  # pylint: disable=g-import-not-at-top
   from launch import workloads  # pylint: disable=g-import-not-at-top
 
@@ -92,7 +98,7 @@ def test_gradient_accuracy_tool_measures_the_error():
     for method in ("forward", "backprop", "backprop_plain")
   }
   assert errors["forward"][0] < 0.05 and errors["backprop"][0] < 0.05, errors
-  assert errors["backprop_plain"][0] > 1.0, errors
+  assert errors["backprop_plain"][0] > 10 * errors["backprop"][0], errors
   assert all(num_evals > 0 for _, num_evals in errors.values())
 
 

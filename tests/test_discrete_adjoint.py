@@ -135,7 +135,7 @@ import numpy as np
 import tensorflow as tf
 import comln_tf
 rng = np.random.default_rng(0)
-support = tf.constant(np.abs(rng.normal(size=(2, 10, 16))) + 0.5)
+support = tf.constant(np.abs(rng.normal(size=(2, 20, 16))) + 0.5)
 queries = tf.constant(rng.normal(size=(2, 20, 16)))
 t_final = tf.constant(float(sys.argv[1]), tf.float64)
 
@@ -144,16 +144,19 @@ def run(support, queries, t_final):
   with tf.GradientTape() as tape:
     tape.watch([support, queries, t_final])
     weights, stats = comln_tf.adapt(
-        tf.zeros([10, 16], tf.float64), support, np.tile(np.arange(10), (2, 1)),
+        tf.zeros([20, 16], tf.float64), support, np.tile(np.arange(20), (2, 1)),
         t_final, method="discrete_adjoint", max_steps=int(sys.argv[2]),
         return_stats=True)
     loss = tf.reduce_sum(tf.matmul(queries, weights, transpose_b=True) ** 2)
   return tape.gradient(loss, [support, queries, t_final]), stats.num_steps
 
 run(support, queries, t_final)
-tf.config.experimental.reset_memory_stats("CPU:0")
-grads, steps = run(support, queries, t_final)
-print(int(steps), tf.config.experimental.get_memory_info("CPU:0")["peak"])
+peaks = []
+for _ in range(3):  # The least of 3: a stray 2 MiB buffer comes and goes.
+  tf.config.experimental.reset_memory_stats("CPU:0")
+  grads, steps = run(support, queries, t_final)
+  peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"])
+print(int(steps), min(peaks))
 """
 
 
@@ -174,9 +177,13 @@ def test_memory_depends_neither_on_t_nor_on_max_steps():
   short_steps, short = _peak_bytes(1.0, 1_000)
   long_steps, long = _peak_bytes(3000.0, 1_000)
   _, long_budget = _peak_bytes(3000.0, 100_000)
+  # A stray 2 MiB buffer comes and goes between processes: 1 MiB of slack,
+  # against 4.5 MB if the records grew with the steps (88 more steps of
+  # 2 tasks x 8 M N float64) and far more if buffers grew with max_steps.
+  slack = 2**20
   assert long_steps >= 5 * short_steps  # T matters to the solve...
-  assert long <= 1.1 * short, (short, long)  # ...not to the memory,
-  assert long_budget <= 1.1 * long, (long, long_budget)  # nor max_steps.
+  assert long <= 1.1 * short + slack, (short, long)  # ...not to the memory,
+  assert long_budget <= 1.1 * long + slack, (long, long_budget)  # max_steps
 
 
 def test_auto_picks_by_solver_and_shape():
