@@ -6,9 +6,12 @@ come from `comln_tf.data.eval_episodes` with a fixed seed, so every run on
 every machine is evaluated on the same episodes.
 """
 
+import datetime
 import json
+import logging
 import math
 import os
+import time
 from typing import Any, Callable, Dict, Mapping, Sequence
 
 import keras
@@ -26,6 +29,130 @@ VALIDATION_SEED = 1
 # classifier, or the nearest class mean of Prototypical Networks (a
 # baseline on the same embeddings).
 CLASSIFIERS = ("comln", "prototypes")
+
+# Progress lines of a long evaluation: one each time another PROGRESS_FRACTION
+# of the episodes is done, and one at least every PROGRESS_INTERVAL seconds.
+PROGRESS_FRACTION = 0.1
+PROGRESS_INTERVAL = 5.0
+
+_LOG = logging.getLogger(__name__)
+
+
+class NonFiniteLogitsError(ValueError):
+  """A classifier gave NaN or infinite logits: no class can be read."""
+
+
+class ResultNotWrittenError(OSError):
+  """An evaluation ran, but its result file could not be written.
+
+  Attributes:
+    results: the evaluation's results, to show or keep all the same.
+  """
+
+  def __init__(self, message: str, results: Dict[str, Any]):
+    super().__init__(message)
+    self.results = results
+
+
+def non_finite_message(what: str, episodes: Sequence[int], total: int) -> str:
+  """The message of a NonFiniteLogitsError.
+
+  Args:
+    what: whose logits, e.g. "Evaluation" or "The served model".
+    episodes: indices of the episodes with non-finite logits.
+    total: the number of episodes of the evaluation.
+
+  Returns:
+    str: one line naming the episodes and the likely causes.
+  """
+  shown = ", ".join(str(i) for i in episodes[:5])
+  more = f" and {len(episodes) - 5} more" if len(episodes) > 5 else ""
+  return (
+    f"{what}: non-finite logits (NaN or inf) in {len(episodes)} episode(s) "
+    f"(episode {shown}{more} of {total}); no class can be read from them. "
+    f"Likely causes: T not finite (a t_final beyond the range of the "
+    f"model's dtype), fewer than 2 ways, or non-finite weights."
+  )
+
+
+def check_ways(ways: int) -> None:
+  """Raises ValueError unless `ways` is an int >= 2.
+
+  A 1-way episode has nothing to classify: every query is right by
+  construction (and COMLN's adapted classifier needs N >= 2 rows).
+  """
+  if isinstance(ways, bool) or not isinstance(ways, int) or ways < 2:
+    raise ValueError(
+      f"ways must be an integer >= 2 (an episode needs 2 or more classes "
+      f"to classify among); got {ways!r}"
+    )
+
+
+class ProgressLog:
+  """Log lines of a long loop over episodes: done / total, accuracy so far.
+
+  A line each time another `fraction` of the episodes is done, whenever
+  `interval` seconds passed since the last line, and at the end.
+  """
+
+  def __init__(
+    self,
+    what: str,
+    total: int,
+    *,
+    enabled: bool = True,
+    fraction: float = PROGRESS_FRACTION,
+    interval: float = PROGRESS_INTERVAL,
+  ):
+    """Starts the clock.
+
+    Args:
+      what: the line's first words, e.g. "Evaluation".
+      total: the number of episodes.
+      enabled: False logs nothing.
+      fraction: a line every this fraction of `total`.
+      interval: and at least every this many seconds.
+    """
+    self._what, self._total, self._enabled = what, total, enabled
+    self._step = max(1, math.ceil(fraction * total))
+    self._interval = interval
+    self._done, self._correct = 0, 0.0
+    self._start = self._last = time.monotonic()
+    self._next = self._step
+
+  def update(self, accuracies: Sequence[float]) -> None:
+    """Counts the accuracies of more episodes; logs a line when due."""
+    self._done += len(accuracies)
+    self._correct += float(np.sum(accuracies))
+    now = time.monotonic()
+    due = (
+      self._done >= self._next
+      or now - self._last >= self._interval
+      or self._done >= self._total
+    )
+    if not (self._enabled and due):
+      return
+    while self._next <= self._done:
+      self._next += self._step
+    self._last = now
+    elapsed = now - self._start
+    if self._done >= self._total:
+      timing = f"done in {datetime.timedelta(seconds=round(elapsed))}"
+    else:
+      left = elapsed * (self._total - self._done) / self._done
+      timing = (
+        f"{datetime.timedelta(seconds=round(elapsed))} elapsed, about "
+        f"{datetime.timedelta(seconds=round(left))} left"
+      )
+    _LOG.info(
+      "%s: %d/%d episodes (%d%%), accuracy so far %.2f%%, %s.",
+      self._what,
+      self._done,
+      self._total,
+      100 * self._done // max(self._total, 1),
+      100 * self._correct / self._done,
+      timing,
+    )
 
 
 def prototype_logits(
@@ -82,8 +209,10 @@ def accuracy_function(
   Returns:
     tf.function taking an episode dict with a task axis (see
     `comln_tf.data.meta_batches`) and returning float64 [B], the fraction
-    of each episode's queries classified correctly. The adaptation uses
-    the plain solve (`training=False`).
+    of each episode's queries classified correctly, or NaN for an episode
+    whose logits are not all finite (no class is read from them: argmax
+    would make NaN rows class 0). The adaptation uses the plain solve
+    (`training=False`).
 
   Raises:
     ValueError: unknown `classifier`.
@@ -101,7 +230,9 @@ def accuracy_function(
       )
     predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
     correct = tf.equal(predictions, tf.cast(episodes["query_labels"], tf.int32))
-    return tf.reduce_mean(tf.cast(correct, tf.float64), axis=-1)
+    accuracy = tf.reduce_mean(tf.cast(correct, tf.float64), axis=-1)
+    finite = tf.reduce_all(tf.math.is_finite(logits), axis=[-2, -1])
+    return tf.where(finite, accuracy, tf.constant(math.nan, tf.float64))
 
   return accuracies
 
@@ -110,6 +241,9 @@ def episode_accuracies(
   accuracy_fn: Callable[[Mapping[str, tf.Tensor]], tf.Tensor],
   episodes: tf.data.Dataset,
   batch_size: int,
+  *,
+  progress: bool = False,
+  what: str = "Evaluation",
 ) -> np.ndarray:
   """Runs `accuracy_fn` over a finite set of episodes.
 
@@ -118,11 +252,37 @@ def episode_accuracies(
     episodes: tf.data.Dataset of single (unbatched) episodes, e.g. from
       `comln_tf.data.eval_episodes`.
     batch_size: episodes per call.
+    progress: log progress lines (see `ProgressLog`).
+    what: the first words of the progress lines and errors.
 
   Returns:
     float64 numpy array [n], the accuracy of each episode, in order.
+
+  Raises:
+    NonFiniteLogitsError: at the first call with non-finite logits.
   """
-  results = [accuracy_fn(batch).numpy() for batch in episodes.batch(batch_size)]
+  total = int(episodes.cardinality())
+  progress = progress and total > 0
+  log = ProgressLog(what, total, enabled=progress)
+  if progress:
+    _LOG.info(
+      "%s: %d episodes, %d per call (the first call also traces the model).",
+      what,
+      total,
+      batch_size,
+    )
+  results = []
+  done = 0
+  for batch in episodes.batch(batch_size):
+    accuracies = accuracy_fn(batch).numpy()
+    bad = np.flatnonzero(np.isnan(accuracies))
+    if bad.size:
+      raise NonFiniteLogitsError(
+        non_finite_message(what, list(done + bad), max(total, 0))
+      )
+    done += accuracies.size
+    results.append(accuracies)
+    log.update(accuracies)
   return np.concatenate(results)
 
 
@@ -161,6 +321,7 @@ def evaluate(
   rotate_classes: bool = False,
   classifier: str = "comln",
   class_sampling: str = "uniform",
+  progress: bool = True,
 ) -> Dict[str, Any]:
   """Mean accuracy and 95% interval of `model` on fixed episodes.
 
@@ -177,15 +338,19 @@ def evaluate(
     classifier: "comln" or "prototypes" (see `accuracy_function`).
     class_sampling: how the episodes draw their classes
       (`data.CLASS_SAMPLING`; "within_alphabet": all from one alphabet).
+    progress: log progress lines (comln_tf.evaluation's logger, INFO).
 
   Returns:
     dict of `summarize` plus ways, shots, queries, seed, split,
     rotate_classes, classifier and class_sampling.
 
   Raises:
-    ValueError: the class set cannot make such episodes, or unknown
-      `classifier`.
+    ValueError: ways < 2, the class set cannot make such episodes, or
+      unknown `classifier`.
+    NonFiniteLogitsError: the model gave NaN or infinite logits.
   """
+  check_ways(ways)
+  check_classifier(classifier)
   episodes = data.eval_episodes(
     class_set,
     ways=ways,
@@ -197,7 +362,11 @@ def evaluate(
     class_sampling=class_sampling,
   )
   accuracies = episode_accuracies(
-    accuracy_function(model, classifier), episodes, batch_size
+    accuracy_function(model, classifier),
+    episodes,
+    batch_size,
+    progress=progress,
+    what=f"Evaluation on {class_set.split} episodes",
   )
   return {
     **summarize(accuracies),
@@ -225,6 +394,47 @@ def write_json(path: str, value: Any) -> None:
   if directory:
     tf.io.gfile.makedirs(directory)
   partial = f"{path}.tmp-{os.getpid()}"
-  with tf.io.gfile.GFile(partial, "w") as f:
-    f.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
-  tf.io.gfile.rename(partial, path, overwrite=True)
+  try:
+    with tf.io.gfile.GFile(partial, "w") as f:
+      f.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
+    tf.io.gfile.rename(partial, path, overwrite=True)
+  finally:
+    if tf.io.gfile.exists(partial):
+      tf.io.gfile.remove(partial)
+
+
+def check_writable(path: str) -> None:
+  """Checks that `write_json(path, ...)` can write, by writing beside it.
+
+  Creates the directory if needed, then writes and removes the temporary
+  file `write_json` would write.
+
+  Args:
+    path: str, the output file.
+
+  Raises:
+    OSError or tf.errors.OpError: the file cannot be written there.
+  """
+  directory = os.path.dirname(path)
+  if directory:
+    tf.io.gfile.makedirs(directory)
+  probe = f"{path}.tmp-{os.getpid()}"
+  with tf.io.gfile.GFile(probe, "w") as f:
+    f.write("")
+  tf.io.gfile.remove(probe)
+
+
+def is_evaluation_result(path: str) -> bool:
+  """Whether `path` holds an evaluation result JSON (`evaluate`'s keys)."""
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      value = json.load(f)
+  except (OSError, tf.errors.OpError, ValueError):
+    return False
+  return isinstance(value, dict) and {
+    "accuracy",
+    "ci95",
+    "episodes",
+    "ways",
+    "split",
+  } <= set(value)

@@ -5,8 +5,11 @@ client would, and the Keras model that `launch.evaluate` restores (same run,
 same default checkpoint) on the fixed test episodes of the evaluation
 protocol; prints the checkpoint and step of both, the served model's
 accuracy, and how many predicted classes differ. Exits with an error if the
-export comes from another checkpoint, or if a prediction differs where the
-Keras model's two best logits are not within rounding of each other.
+export comes from another checkpoint, if a prediction differs where the
+Keras model's two best logits are not within rounding of each other, or if
+either model gives NaN or infinite logits. Logs a line as each step starts
+and a progress line every 10% of the episodes (and at least every 5 s)
+unless --noprogress.
 
 Usage:
   python -m export.check_served --model_dir=runs/omniglot_5w1s \
@@ -18,6 +21,7 @@ import sys
 from absl import app
 from absl import flags
 
+from comln_tf import evaluation
 from comln_tf import training
 from export import served_check
 
@@ -41,6 +45,12 @@ _SHOTS = flags.DEFINE_integer(
 _QUERIES = flags.DEFINE_integer(
   "queries", None, "Default: the run's.", lower_bound=1
 )
+_PROGRESS = flags.DEFINE_bool(
+  "progress",
+  True,
+  "Log a line as each step starts and a progress line (episodes done, "
+  "served accuracy so far) every 10% of the episodes and at least every 5 s.",
+)
 flags.mark_flags_as_required(["model_dir", "export_dir"])
 
 
@@ -56,8 +66,13 @@ def main(argv):
       ways=_WAYS.value,
       shots=_SHOTS.value,
       queries=_QUERIES.value,
+      progress=_PROGRESS.value,
     )
-  except (training.ConfigError, OSError) as error:
+  except (
+    training.ConfigError,
+    evaluation.NonFiniteLogitsError,
+    OSError,
+  ) as error:
     sys.exit(f"check_served: {error}")
   print(
     f"launch.evaluate's model: {result['checkpoint']} (step "

@@ -7,6 +7,7 @@ protocol. `export.check_served` is its command line.
 """
 
 import json
+import logging
 import os
 from typing import Optional
 
@@ -22,6 +23,8 @@ from export import saved_model
 # an XLA-compiled evaluation may order them either way.
 TIE_MARGIN = 1e-3
 
+_LOG = logging.getLogger(__name__)
+
 
 def compare(
   model_dir: str,
@@ -33,6 +36,7 @@ def compare(
   shots: Optional[int] = None,
   queries: Optional[int] = None,
   seed: int = evaluation.TEST_SEED,
+  progress: bool = True,
 ) -> dict:
   """Predictions of an export and of launch.evaluate's model, compared.
 
@@ -41,7 +45,9 @@ def compare(
     export_dir: str, a SavedModel version folder written by export_model.
     which: the checkpoint launch.evaluate uses ("auto": best, else latest).
     num_episodes, seed: the test episodes (launch.evaluate's defaults).
-    ways, shots, queries: the episodes' shape (None: the run's).
+    ways, shots, queries: the episodes' shape (None: the run's); ways >= 2.
+    progress: log a line as each step starts, and progress lines over the
+      episodes (episodes done, served accuracy so far).
 
   Returns:
     dict: "checkpoint" and "step" (launch.evaluate's), "export_checkpoint"
@@ -53,7 +59,16 @@ def compare(
 
   Raises:
     training.ConfigError: no such run or checkpoint, bad episode shape.
+    evaluation.NonFiniteLogitsError: either model gave NaN or infinite
+      logits (no class is read from them).
   """
+  if ways is not None:
+    try:
+      evaluation.check_ways(ways)
+    except ValueError as error:
+      raise training.ConfigError(f"{error}.") from error
+  log = _LOG.info if progress else _LOG.debug
+  log("Restoring launch.evaluate's model from %s.", model_dir)
   model, config, path, _, step = training.evaluation_model(model_dir, which)
   with open(
     os.path.join(export_dir, "assets.extra", saved_model.METADATA_FILE)
@@ -75,24 +90,26 @@ def compare(
     num_episodes=num_episodes,
     class_sampling=config.data.class_sampling,
   )
+  log("Loading the export %s.", export_dir)
   serve = tf.saved_model.load(export_dir).signatures[
     saved_model.ADAPT_AND_PREDICT
   ]
+  log("Comparing the two on %d test episodes.", num_episodes)
+  progress_log = evaluation.ProgressLog(
+    "Served check", num_episodes, enabled=progress
+  )
   served, evaluated, margins, labels = [], [], [], []
   for batch in episodes.batch(config.data.meta_batch_size):
     logits = model(batch, training=False).numpy()
+    done = len(served)
+    _check_finite("launch.evaluate's model", logits, done, num_episodes)
     evaluated.append(logits.argmax(-1))
     top2 = np.sort(logits, axis=-1)[..., -2:]
     margins.append(top2[..., 1] - top2[..., 0])
     labels.append(batch["query_labels"].numpy())
     for i in range(logits.shape[0]):
-      served.append(
-        serve(
-          support_images=batch["support_images"][i],
-          support_labels=tf.cast(batch["support_labels"][i], tf.int64),
-          query_images=batch["query_images"][i],
-        )["classes"].numpy()
-      )
+      served.append(_serve_task(serve, batch, i, done + i, num_episodes))
+    progress_log.update(np.mean(np.stack(served[done:]) == labels[-1], axis=1))
   served, evaluated = np.stack(served), np.concatenate(evaluated)
   margins, labels = np.concatenate(margins), np.concatenate(labels)
   differ = served != evaluated
@@ -110,3 +127,36 @@ def compare(
     "disagreements": int(differ.sum()),
     "ties": int((differ & (margins < TIE_MARGIN)).sum()),
   }
+
+
+def _serve_task(serve, batch, i, episode, num_episodes):
+  """The served classes of task i of a batch, episode `episode` in all."""
+  outputs = serve(
+    support_images=batch["support_images"][i],
+    support_labels=tf.cast(batch["support_labels"][i], tf.int64),
+    query_images=batch["query_images"][i],
+  )
+  _check_finite(
+    "The served model", outputs["logits"].numpy()[None], episode, num_episodes
+  )
+  return outputs["classes"].numpy()
+
+
+def _check_finite(whose, logits, first_episode, num_episodes):
+  """Raises NonFiniteLogitsError if any of the episodes' logits is not finite.
+
+  Args:
+    whose: the model, for the message.
+    logits: float [B, Q, N], the logits of episodes first_episode, ...
+    first_episode: index of the first of them.
+    num_episodes: the number of episodes of the comparison.
+  """
+  finite = np.all(np.isfinite(logits), axis=(1, 2))
+  if not finite.all():
+    raise evaluation.NonFiniteLogitsError(
+      evaluation.non_finite_message(
+        whose,
+        [first_episode + i for i in np.flatnonzero(~finite)],
+        num_episodes,
+      )
+    )

@@ -3,7 +3,8 @@
 Prints the mean accuracy and its 95% confidence interval (1.96 * std /
 sqrt(n)) and writes them as JSON (default: into --model_dir). The episodes
 depend only on --seed (fixed by default), so every run and machine is
-evaluated on the same ones.
+evaluated on the same ones. Logs a progress line every 10% of the episodes
+(and at least every 5 s) unless --noprogress.
 
 Example:
   python -m launch.evaluate --model_dir=runs/omniglot_5w1s
@@ -38,7 +39,9 @@ flags.DEFINE_integer(
   evaluation.TEST_SEED,
   "Seed of the episodes (the default is the standard test set).",
 )
-flags.DEFINE_integer("ways", None, "Classes per episode (default: the run's).")
+flags.DEFINE_integer(
+  "ways", None, "Classes per episode, >= 2 (default: the run's)."
+)
 flags.DEFINE_integer(
   "shots", None, "Support examples per class (default: the run's)."
 )
@@ -57,7 +60,8 @@ flags.DEFINE_float(
   "t_final",
   None,
   "Adapt up to this T instead of the learned one (e.g. a T "
-  "chosen with --split=validation).",
+  "chosen with --split=validation); finite and > 0 in the model's dtype "
+  "(float32: below 3.4e38).",
 )
 flags.DEFINE_bool(
   "rotate_classes",
@@ -88,7 +92,15 @@ flags.DEFINE_string(
   None,
   "JSON file of the results (default: --model_dir/"
   "evaluation_<split>_<checkpoint>_<ways>w<shots>s<queries>q"
-  "[_t<t_final>][_rotated][_prototypes].json).",
+  "[_t<t_final>][_rotated][_prototypes].json). A .json name other than "
+  "config.json; an existing file is replaced only if it is an earlier "
+  "evaluation result.",
+)
+flags.DEFINE_bool(
+  "progress",
+  True,
+  "Log a progress line (episodes done, accuracy so far) every 10% of the "
+  "episodes and at least every 5 s.",
 )
 flags.mark_flag_as_required("model_dir")
 
@@ -101,8 +113,28 @@ _FLAG_OF_ARGUMENT = {"which": "checkpoint", "num_episodes": "episodes"}
 def _with_flag_names(message: str) -> str:
   """An evaluate_run error, naming these flags rather than its arguments."""
   for argument, flag in _FLAG_OF_ARGUMENT.items():
-    message = re.sub(rf"(?<![\w.-]){argument}\b", f"--{flag}", message)
+    message = re.sub(rf"(?<![\w./-]){argument}\b", f"--{flag}", message)
   return message
+
+
+def _result_line(results, written=True):
+  """The printed result: episodes, checkpoint, accuracy, where written."""
+  details = ", classes rotated" if results["rotate_classes"] else ""
+  if results["class_sampling"] != "uniform":
+    details += f", classes {results['class_sampling'].replace('_', ' ')}"
+  if results["classifier"] == "comln":
+    classifier = f"T {results['t_final']:.6g}"
+  else:
+    classifier = f"classifier {results['classifier']}"
+  where = f"written to {results['output']}" if written else "NOT written"
+  return (
+    f"{results['split']} accuracy, {results['ways']}-way "
+    f"{results['shots']}-shot{details}, {results['episodes']} episodes, "
+    f"{results['which']} checkpoint {results['checkpoint']} (step "
+    f"{results['step']}), {classifier}: "
+    f"{100 * results['accuracy']:.2f}% +- "
+    f"{100 * results['ci95']:.2f}% (95% CI); {where}"
+  )
 
 
 def main(argv):
@@ -124,25 +156,16 @@ def main(argv):
       rotate_classes=FLAGS.rotate_classes,
       classifier=FLAGS.classifier,
       class_sampling=FLAGS.class_sampling,
+      progress=FLAGS.progress,
     )
   except training.ConfigError as error:
     sys.exit(f"error: {_with_flag_names(str(error))}")
-  details = ", classes rotated" if results["rotate_classes"] else ""
-  if results["class_sampling"] != "uniform":
-    details += f", classes {results['class_sampling'].replace('_', ' ')}"
-  if results["classifier"] == "comln":
-    classifier = f"T {results['t_final']:.6g}"
-  else:
-    classifier = f"classifier {results['classifier']}"
-  print(
-    f"{results['split']} accuracy, {results['ways']}-way "
-    f"{results['shots']}-shot{details}, {results['episodes']} episodes, "
-    f"{results['which']} checkpoint {results['checkpoint']} (step "
-    f"{results['step']}), {classifier}: "
-    f"{100 * results['accuracy']:.2f}% +- "
-    f"{100 * results['ci95']:.2f}% (95% CI); written to "
-    f"{results['output']}"
-  )
+  except evaluation.NonFiniteLogitsError as error:
+    sys.exit(f"error: {error}")
+  except evaluation.ResultNotWrittenError as error:
+    print(_result_line(error.results, written=False), flush=True)
+    sys.exit(f"error: {error}")
+  print(_result_line(results))
 
 
 if __name__ == "__main__":

@@ -3,11 +3,13 @@
 import math
 import os
 
+import numpy as np
 import tensorflow as tf
 
 from comln_tf import evaluation
 from comln_tf.training import _loop
 from comln_tf.training import _models
+from comln_tf.training._config import CONFIG_FILE
 from comln_tf.training._config import ConfigError
 from comln_tf.training._config import load_config
 from comln_tf.training._config import updated
@@ -94,6 +96,73 @@ def evaluation_model(model_dir, which="auto"):
   return model, config, path, kind, step
 
 
+def check_output(output):
+  """Raises ConfigError unless the evaluation may write its JSON to `output`.
+
+  The rule: a path ending in ".json", not named config.json (a run's
+  configuration), not an existing directory, and, if the file exists, an
+  earlier evaluation result (so a run's configuration, checkpoints and
+  other files are never replaced). Its directory is created if needed
+  and a temporary file written and removed there, so an unwritable place
+  fails now rather than after the episodes.
+
+  Args:
+    output: str, the JSON file.
+  """
+  name = os.path.basename(output)
+  if not name.endswith(".json") or name == ".json":
+    reason = "must be a file name ending in .json"
+  elif name == CONFIG_FILE:
+    reason = f"is named {CONFIG_FILE}, a run's configuration"
+  elif tf.io.gfile.isdir(output):
+    reason = "is a directory"
+  elif tf.io.gfile.exists(output) and not evaluation.is_evaluation_result(
+    output
+  ):
+    reason = "exists and is not an earlier evaluation result"
+  else:
+    try:
+      evaluation.check_writable(output)
+      return
+    except (OSError, tf.errors.OpError) as error:
+      reason = f"cannot be written: {_first_line(error)}"
+  raise ConfigError(f"output={output!r} {reason}.")
+
+
+def _first_line(error):
+  """The first line of an error's message (TensorFlow's run on)."""
+  message = getattr(error, "message", None) or str(error)
+  return message.strip().splitlines()[0] if message.strip() else repr(error)
+
+
+def check_t_final(model, t_final=None):
+  """Raises ConfigError unless the model adapts up to a finite T > 0.
+
+  T is what the model computes in its dtype: t_final=1e39 is a finite
+  Python float, but infinite in float32, and would make NaN logits.
+
+  Args:
+    model: a COMLN, with `t_final` already assigned if given.
+    t_final: the T asked for (None: the checkpoint's learned T).
+  """
+  dtype = tf.as_dtype(model.classifier.log_t.dtype).name
+  used = float(model.classifier.t_final)
+  with np.errstate(over="ignore", under="ignore"):
+    cast = used if t_final is None else float(np.array(float(t_final), dtype))
+  if all(math.isfinite(value) and value > 0 for value in (used, cast)):
+    return
+  if t_final is None:
+    raise ConfigError(
+      f"the checkpoint's learned T is {used!r}, not a finite number > 0; "
+      f"pass t_final to adapt up to another T."
+    )
+  raise ConfigError(
+    f"t_final={t_final!r} is not a finite number > 0 in the model's "
+    f"{dtype} (T would be {used!r}; {dtype} holds numbers > 0 from "
+    f"{np.finfo(dtype).smallest_subnormal:.2g} to {np.finfo(dtype).max:.2g})."
+  )
+
+
 def evaluate_run(
   model_dir,
   *,
@@ -111,8 +180,12 @@ def evaluate_run(
   rotate_classes=False,
   classifier="comln",
   class_sampling=None,
+  progress=True,
 ):
   """Evaluates a run's checkpoint on fixed episodes and writes the JSON.
+
+  Every argument, the output file included, is checked before the first
+  episode.
 
   Args:
     model_dir: str, the run's directory.
@@ -124,18 +197,22 @@ def evaluate_run(
     seed: seed of the episodes; the default gives the standard test set,
       the same for every run and machine.
     ways, shots, queries: the episodes' N, k and queries per class (None:
-      the training run's). Other ways need a run with tied initial rows.
+      the training run's); ways >= 2. Other ways need a run with tied
+      initial rows.
     batch_size: episodes per model call (default: the run's meta-batch).
     data_dir: where the dataset is (default: the run's).
-    output: JSON file (default: `default_output(...)` in model_dir).
+    output: JSON file (default: `default_output(...)` in model_dir); see
+      `check_output` for the files it may replace.
     t_final: adapt up to this T instead of the checkpoint's learned T (None:
-      the learned one), e.g. a T chosen on the validation split.
+      the learned one), e.g. a T chosen on the validation split; finite
+      and > 0 in the model's dtype.
     rotate_classes: rotate each class of an episode by a random multiple of
       90 degrees (MAML's Omniglot evaluation; square images only).
     classifier: "comln" (the run's adapted classifier) or "prototypes"
       (the nearest class mean on the run's embeddings, a baseline; no T).
     class_sampling: how episodes draw their classes, one of
       `data.CLASS_SAMPLING` (default: the run's).
+    progress: log progress lines (episodes done, accuracy so far).
 
   Returns:
     dict: "accuracy" and "ci95" (fractions), "episodes", "ways", "shots",
@@ -147,42 +224,20 @@ def evaluate_run(
   Raises:
     ConfigError: naming the argument: no run or no such checkpoint in
       model_dir, ways the model cannot classify, episodes the split cannot
-      make, bad split or count.
+      make, bad split, count, T or output.
+    evaluation.NonFiniteLogitsError: the model gave NaN or infinite logits.
+    evaluation.ResultNotWrittenError: the JSON could not be written at the
+      end; its `results` holds the results all the same.
   """
-  if split not in SPLITS:
-    raise ConfigError(
-      f"split must be one of {', '.join(SPLITS)}; got {split!r}."
-    )
-  for name, value in (
-    ("num_episodes", num_episodes),
-    ("ways", ways),
-    ("shots", shots),
-    ("queries", queries),
-    ("batch_size", batch_size),
-  ):
-    # 0 is an error, not "the run's value": None is.
-    if value is not None and (
-      isinstance(value, bool) or not isinstance(value, int) or value < 1
-    ):
-      raise ConfigError(f"{name} must be an integer >= 1; got {value!r}.")
-  if t_final is not None and (
-    isinstance(t_final, bool)
-    or not isinstance(t_final, (int, float))
-    or not 0 < t_final < math.inf
-  ):
-    raise ConfigError(f"t_final must be a number > 0; got {t_final!r}.")
-  try:
-    evaluation.check_classifier(classifier)
-  except ValueError as error:
-    raise ConfigError(f"{error}.") from error
-  if t_final is not None and classifier != "comln":
-    raise ConfigError(
-      f"t_final is the adaptation time of COMLN's "
-      f"classifier; classifier={classifier!r} has none."
-    )
+  _check_arguments(split, num_episodes, ways, shots, queries, batch_size)
+  _check_classifier(classifier, t_final)
+  if output:
+    check_output(output)
   model, config, path, which, step = evaluation_model(model_dir, which)
   if t_final is not None:
     model.classifier.assign_t_final(t_final)
+  if classifier == "comln":
+    check_t_final(model, t_final)
   run = config.data
   ways = run.ways if ways is None else ways
   shots = run.shots if shots is None else shots
@@ -194,6 +249,22 @@ def evaluate_run(
       f"and without config.model.tie_init_rows, so its W0 has {run.ways} "
       f"rows."
     )
+  if not output:
+    output = default_output(
+      model_dir,
+      which,
+      split,
+      ways,
+      shots,
+      queries,
+      t_final,
+      rotate_classes,
+      classifier,
+      class_sampling,
+      seed,
+      num_episodes,
+    )
+    check_output(output)
   if data_dir is not None:
     config = updated(config, {"data.data_dir": data_dir})
   class_set = getattr(_loop.load_splits(config), split)
@@ -215,22 +286,8 @@ def evaluate_run(
     rotate_classes=rotate_classes,
     classifier=classifier,
     class_sampling=class_sampling,
+    progress=progress,
   )
-  if not output:
-    output = default_output(
-      model_dir,
-      which,
-      split,
-      ways,
-      shots,
-      queries,
-      t_final,
-      rotate_classes,
-      classifier,
-      class_sampling,
-      seed,
-      num_episodes,
-    )
   t_used = float(model.classifier.t_final) if classifier == "comln" else None
   results.update(
     checkpoint=path,
@@ -240,5 +297,58 @@ def evaluate_run(
     t_final=t_used,
     output=output,
   )
-  evaluation.write_json(output, results)
+  try:
+    evaluation.write_json(output, results)
+  except (OSError, tf.errors.OpError) as error:
+    raise evaluation.ResultNotWrittenError(
+      f"output={output!r}: the result could not be written: "
+      f"{_first_line(error)}",
+      results,
+    ) from error
   return results
+
+
+def _check_arguments(split, num_episodes, ways, shots, queries, batch_size):
+  """Raises ConfigError naming the first bad split or count."""
+  if split not in SPLITS:
+    raise ConfigError(
+      f"split must be one of {', '.join(SPLITS)}; got {split!r}."
+    )
+  for name, value in (
+    ("num_episodes", num_episodes),
+    ("ways", ways),
+    ("shots", shots),
+    ("queries", queries),
+    ("batch_size", batch_size),
+  ):
+    # 0 is an error, not "the run's value": None is.
+    if value is not None and (
+      isinstance(value, bool) or not isinstance(value, int) or value < 1
+    ):
+      raise ConfigError(f"{name} must be an integer >= 1; got {value!r}.")
+  if ways is not None:
+    try:
+      evaluation.check_ways(ways)
+    except ValueError as error:
+      raise ConfigError(f"{error}.") from error
+
+
+def _check_classifier(classifier, t_final):
+  """Raises ConfigError on an unknown classifier or a bad t_final for it."""
+  try:
+    evaluation.check_classifier(classifier)
+  except ValueError as error:
+    raise ConfigError(f"{error}.") from error
+  if t_final is None:
+    return
+  if classifier != "comln":
+    raise ConfigError(
+      f"t_final is the adaptation time of COMLN's "
+      f"classifier; classifier={classifier!r} has none."
+    )
+  if (
+    isinstance(t_final, bool)
+    or not isinstance(t_final, (int, float))
+    or not 0 < t_final < math.inf
+  ):
+    raise ConfigError(f"t_final must be a number > 0; got {t_final!r}.")
