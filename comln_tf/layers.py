@@ -17,6 +17,47 @@ from comln_tf import _solvers
 _PLAIN_SOLVE = _gradient_methods.Backprop(tangent_control=False)
 
 
+def _ways_of_labels(support_labels):
+  """N = the largest label + 1; 2 (the fewest ways) when there is no label.
+
+  Without labels (B = 0 tasks) the result is empty whatever N is; the
+  maximum of no value would be the smallest int32.
+  """
+  labels = tf.cast(support_labels, tf.int32)
+  return tf.where(tf.size(labels) > 0, tf.reduce_max(labels) + 1, 2)
+
+
+def check_finite_queries(query_embeddings):
+  """`query_embeddings`, after a check that every value is finite.
+
+  The engine refuses non-finite support embeddings; the queries never
+  reach it, and a NaN query would come out as NaN logits without a word.
+
+  Args:
+    query_embeddings: float [..., Q, d].
+
+  Returns:
+    The same values, computed after the check; under XLA (no check), with
+    every value of a non-finite query NaN, so that its logits are NaN
+    (an Inf alone would give an infinite logit, and a class).
+
+  Raises (at run time):
+    tf.errors.InvalidArgumentError: a NaN or Inf value, naming
+      query_embeddings.
+  """
+  finite = tf.reduce_all(tf.math.is_finite(query_embeddings), axis=-1)
+  check = tf.debugging.Assert(
+    tf.reduce_all(finite),
+    ["query_embeddings must be finite (no NaN or Inf)."],
+  )
+  with tf.control_dependencies([check]):
+    return tf.where(
+      finite[..., None],
+      query_embeddings,
+      tf.constant(float("nan"), query_embeddings.dtype),
+    )
+
+
 @keras.saving.register_keras_serializable(package="comln_tf")
 class GradientFlowClassifier(keras.layers.Layer):
   """Adapts W0 to each task's support set up to a learned time T.
@@ -170,7 +211,7 @@ class GradientFlowClassifier(keras.layers.Layer):
     if num_ways is None:
       num_ways = self.num_ways
     if num_ways is None:
-      num_ways = tf.reduce_max(tf.cast(support_labels, tf.int32)) + 1
+      num_ways = _ways_of_labels(support_labels)
     if support_labels.dtype.is_integer:
       # N comes from the labels: they must make a task (every class
       # 0..N-1 present, so N <= M), or a stray label 999 would silently
@@ -274,10 +315,16 @@ class GradientFlowClassifier(keras.layers.Layer):
       query_embeddings: [B, Q, d] float, the same B.
       training: see `adapt`.
 
+    Returns B = 0 tasks as an empty result ([0, Q, N]; N = 2 for a
+    tied-rows layer without num_ways, which has no label to count them).
+
     Raises:
       ValueError / tf.errors.InvalidArgumentError: support and query sets
         of different numbers of tasks B (statically known or not), or, with
         tied rows, labels that are not a task.
+      tf.errors.InvalidArgumentError: non-finite query_embeddings (as the
+        engine for support_embeddings; under XLA, where assertions are
+        compiled away, their logits are NaN instead).
     """
     support_embeddings = tf.convert_to_tensor(
       support_embeddings, dtype=self.compute_dtype
@@ -297,6 +344,7 @@ class GradientFlowClassifier(keras.layers.Layer):
     )
     with tf.control_dependencies(checks):
       support_embeddings = tf.identity(support_embeddings)
+    query_embeddings = check_finite_queries(query_embeddings)
     weights = self.adapt(support_embeddings, support_labels, training=training)
     return self.logits(query_embeddings, weights)
 

@@ -101,10 +101,16 @@ class COMLN(keras.Model):
 
     Returns:
       float32 [B, Q, N] query logits (and the SolveStats if return_stats).
+
+    Raises:
+      tf.errors.InvalidArgumentError: non-finite support or query images or
+        embeddings, naming them; under XLA, where assertions are compiled
+        away, NaN logits instead.
     """
     support_embeddings, query_embeddings = self.embed_episode(
       inputs, training=training
     )
+    query_embeddings = layers.check_finite_queries(query_embeddings)
     support_labels = tf.cast(inputs["support_labels"], tf.int32)
     weights, stats = self.classifier.adapt(
       support_embeddings, support_labels, training=training, return_stats=True
@@ -123,9 +129,27 @@ class COMLN(keras.Model):
 
     Returns:
       (support [B, M, d], query [B, Q, d]) embeddings in the compute dtype.
+
+    Raises:
+      tf.errors.InvalidArgumentError: non-finite images, naming them (a
+        backbone's ReLU and max-pooling can turn a NaN pixel into huge
+        finite embeddings, which the engine cannot tell from real ones).
     """
     support_images = tf.cast(inputs["support_images"], self.compute_dtype)
     query_images = tf.cast(inputs["query_images"], self.compute_dtype)
+    checks = [
+      tf.debugging.Assert(
+        tf.reduce_all(tf.math.is_finite(images)),
+        [f"{name} must be finite (no NaN or Inf)."],
+      )
+      for name, images in (
+        ("support_images", support_images),
+        ("query_images", query_images),
+      )
+    ]
+    with tf.control_dependencies(checks):
+      support_images = tf.identity(support_images)
+      query_images = tf.identity(query_images)
     num_support = tf.shape(support_images)[1]
     # One backbone pass per task over support and query together: the
     # per-task batch norm statistics come from both.
@@ -151,14 +175,37 @@ class COMLN(keras.Model):
       )
     )
 
+  @staticmethod
+  def query_correct(query_labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """Per query: 1 if classified right, 0 if wrong, NaN if not classified.
+
+    A query whose logits are not all finite has no class (the argmax of
+    NaN logits would be class 0, a silent guess): its NaN makes any mean
+    accuracy it enters NaN.
+
+    Args:
+      query_labels: int [B, Q] in [0, N).
+      logits: float [B, Q, N].
+
+    Returns:
+      float32 [B, Q].
+    """
+    correct = tf.cast(
+      tf.equal(
+        tf.argmax(logits, axis=-1, output_type=tf.int32),
+        tf.cast(query_labels, tf.int32),
+      ),
+      tf.float32,
+    )
+    finite = tf.reduce_all(tf.math.is_finite(logits), axis=-1)
+    return tf.where(finite, correct, tf.constant(float("nan"), tf.float32))
+
   def _update_metrics(self, episode, logits, loss, stats):
     """Updates the trackers; returns the logs of a train or test step."""
     self.loss_tracker.update_state(loss)
-    correct = tf.equal(
-      tf.argmax(logits, axis=-1, output_type=tf.int32),
-      tf.cast(episode["query_labels"], tf.int32),
+    self.accuracy_tracker.update_state(
+      self.query_correct(episode["query_labels"], logits)
     )
-    self.accuracy_tracker.update_state(tf.cast(correct, tf.float32))
     self.num_evals_tracker.update_state(stats.num_evals)
     logs = {metric.name: metric.result() for metric in self.metrics}
     logs["t_final"] = self.classifier.t_final

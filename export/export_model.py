@@ -56,6 +56,19 @@ _WARMUP_WAYS = flags.DEFINE_integer(
   "the run's); fewer ways make a smaller warmup file.",
   lower_bound=2,
 )
+_MAX_SUPPORT = flags.DEFINE_integer(
+  "max_serving_support",
+  saved_model.DEFAULT_SERVING_SUPPORT,
+  "The most support images of one request; more are refused.",
+  lower_bound=1,
+)
+_MAX_QUERIES = flags.DEFINE_integer(
+  "max_serving_queries",
+  saved_model.DEFAULT_SERVING_QUERIES,
+  "The most query images of one request; more are refused (send them in "
+  "several requests).",
+  lower_bound=1,
+)
 flags.mark_flags_as_required(["model_dir", "export_base"])
 
 
@@ -75,6 +88,8 @@ def main(argv):
       version=_VERSION.value,
       ways=_WARMUP_WAYS.value or config.data.ways,
       model_name=_MODEL_NAME.value,
+      max_serving_support=_MAX_SUPPORT.value,
+      max_serving_queries=_MAX_QUERIES.value,
       metadata={
         "checkpoint": checkpoint,
         "step": step,
@@ -84,9 +99,10 @@ def main(argv):
         "backbone": config.model.backbone,
       },
     )
-  except OSError as error:
-    # Missing run or checkpoint, existing version, export base that is a
-    # file or cannot be written: one line, no traceback.
+  except (OSError, ValueError, training.ConfigError) as error:
+    # Missing run or checkpoint, damaged config.json, existing version,
+    # export base that is a file or cannot be written, limits too small
+    # for the warmup requests: one line, no traceback.
     sys.exit(f"export_model: {error}")
   except tf.errors.OpError as error:
     sys.exit(f"export_model: {error.message.strip().splitlines()[0]}")

@@ -36,11 +36,14 @@ client; with static sizes, each loader would enforce them (or not) in its
 own way (the Python session raises a ValueError before the graph runs).
 Only the rank is fixed by the signature.
 
-A request's work is bounded: its solve runs at most `max_serving_steps`
-solver steps (fixed at export, in the metadata), and a support set whose
-flow is far too stiff for that budget (estimated from the largest
-eigenvalue of its embeddings' Gram matrix, before any solver step) is
-refused with an error saying so.
+A request's work is bounded: it may send at most `max_serving_support`
+support images and `max_serving_queries` query images (`embed`: their sum),
+its solve runs at most `max_serving_steps` solver steps (all fixed at
+export, in the metadata), and a support set whose flow is far too stiff for
+that budget (estimated from the largest eigenvalue of its embeddings' Gram
+matrix, before any solver step) is refused with an error saying so. Logits
+that are not finite (embeddings or weights that overflow) are refused too:
+no class is ever the argmax of NaN.
 
 Layout written by `export`: `<export_dir>/saved_model.pb`, `variables/`,
 `assets.extra/tf_serving_warmup_requests` (PredictionLog records, replayed by
@@ -49,7 +52,11 @@ needs to know: ways, image shape, embedding size, T).
 """
 
 import json
+import logging
 import os
+import re
+import socket
+import time
 from typing import Optional, Sequence
 import uuid
 
@@ -58,6 +65,8 @@ import tensorflow as tf
 
 from comln_tf.model import COMLN
 from export import warmup
+
+_LOG = logging.getLogger(__name__)
 
 ADAPT_AND_PREDICT = "adapt_and_predict"
 ADAPT = "adapt"
@@ -72,6 +81,15 @@ METADATA_FILE = "comln_export.json"
 # Trained Omniglot models take 25-80 dopri5 steps per task (142-470 ODE
 # evaluations at T ~ 245), untrained ones up to ~500 at M = 95-380.
 DEFAULT_SERVING_STEPS = 2_000
+
+# Most support and query images of one request, fixed at export (see
+# `export`): a request's backbone work grows with them. A 5-way task sends
+# 5-25 support and 75 query images.
+DEFAULT_SERVING_SUPPORT = 1_000
+DEFAULT_SERVING_QUERIES = 1_000
+
+# The most shots of a task of `warmup.requests` (1-shot and 5-shot).
+_WARMUP_SHOTS = 5
 
 # dopri5 is stable for steps h with h * rate <= ~3.3 on decaying modes.
 _DOPRI5_STABILITY = 3.3
@@ -120,6 +138,8 @@ class _Endpoints:
     example_shape: shape of one example, (H, W, C) for images (or (d,) for
       the identity backbone on precomputed features).
     max_steps: the serving step budget of one solve.
+    max_support: the most support images of one request.
+    max_queries: the most query images of one request.
   """
 
   def __init__(
@@ -127,9 +147,20 @@ class _Endpoints:
     model: COMLN,
     example_shape: Sequence[int],
     max_steps: int = DEFAULT_SERVING_STEPS,
+    max_support: int = DEFAULT_SERVING_SUPPORT,
+    max_queries: int = DEFAULT_SERVING_QUERIES,
   ):
     self.model = model
     self.max_steps = max_steps
+    # Per input name: (the most examples of a request, what sets it).
+    self.limits = {
+      "support_images": (max_support, "max_serving_support"),
+      "query_images": (max_queries, "max_serving_queries"),
+      "images": (
+        max_support + max_queries,
+        "max_serving_support + max_serving_queries",
+      ),
+    }
     self.example_shape = tuple(int(s) for s in example_shape)
     # Images (rank 3) have pixels in [0, 1]; feature vectors any values.
     self.images = len(self.example_shape) == 3
@@ -148,16 +179,18 @@ class _Endpoints:
     )
 
   def _checked_examples(self, name, examples, count="n"):
-    """Asserts [count, *example_shape] with count >= 1 and finite values.
+    """Asserts [count, *example_shape], 1 <= count <= limit, finite values.
 
-    Images must have pixels in [0, 1], as in training: a set scaled
-    otherwise (e.g. [0, 255]) would give wrong answers, not an error, and
-    huge values make the solve stiff.
+    The limit is the input's in `self.limits`, checked before any work
+    that grows with the count. Images must have pixels in [0, 1], as in
+    training: a set scaled otherwise (e.g. [0, 255]) would give wrong
+    answers, not an error, and huge values make the solve stiff.
 
     Returns:
       float32 [count, *example_shape] with a static example shape.
     """
     shape = tf.shape(examples)
+    limit, setting = self.limits[name]
     wanted = ", ".join([count] + [str(s) for s in self.example_shape])
     checks = [
       lambda: _assert(
@@ -167,6 +200,13 @@ class _Endpoints:
       ),
       lambda: _assert(
         shape[0] > 0, f"{name} is empty: send at least one example"
+      ),
+      lambda: _assert(
+        shape[0] <= limit,
+        f"{name} holds too many examples for one request: at most {limit} "
+        f"({setting}, fixed at export); send them in several requests. "
+        f"Got {count} =",
+        shape[0],
       ),
       lambda: _assert(
         tf.reduce_all(tf.math.is_finite(examples)),
@@ -355,7 +395,23 @@ class _Endpoints:
 
   @staticmethod
   def _outputs(query_embeddings, weights):
+    """Logits, probabilities and classes, after a check of finite logits.
+
+    Finite inputs can still overflow in the backbone or the product (the
+    argmax of a row with NaN would be class 0, a silent answer).
+    """
     logits = tf.matmul(query_embeddings, weights, transpose_b=True)
+    (logits,) = _in_order(
+      [
+        lambda: _assert(
+          tf.reduce_all(tf.math.is_finite(logits)),
+          "the logits of the queries are not finite (NaN or Inf): the "
+          "embeddings of the query_images or the weights overflow; inputs "
+          "far outside the training range?",
+        )
+      ],
+      logits,
+    )
     return {
       "logits": logits,
       "probabilities": tf.nn.softmax(logits),
@@ -425,6 +481,8 @@ def export(
   model_name: str = "comln",
   metadata: Optional[dict] = None,
   max_serving_steps: int = DEFAULT_SERVING_STEPS,
+  max_serving_support: int = DEFAULT_SERVING_SUPPORT,
+  max_serving_queries: int = DEFAULT_SERVING_QUERIES,
 ) -> str:
   """Writes `model` as a SavedModel for TF Serving to `export_dir`.
 
@@ -443,22 +501,38 @@ def export(
     max_serving_steps: the most solver steps of one request, fixed in the
       graph: a request's work is bounded whatever its inputs (see
       `_Endpoints._check_stiffness` for those refused before solving).
+    max_serving_support: the most support images of one request (M); a
+      request with more is refused, naming support_images and the limit.
+    max_serving_queries: the most query images of one request (Q), as
+      max_serving_support; `embed` takes up to the sum of both.
 
   Returns:
     export_dir.
+
+  Raises:
+    ValueError: a limit that is not a positive integer, or too small for
+      the warmup requests (15 queries and up to 5 support images a way).
+    FileExistsError: export_dir exists.
   """
-  if (
-    isinstance(max_serving_steps, bool)
-    or not isinstance(max_serving_steps, int)
-    or max_serving_steps < 1
-  ):
-    raise ValueError(
-      f"max_serving_steps must be a positive integer, got "
-      f"{max_serving_steps!r}."
-    )
+  limits = {
+    "max_serving_steps": max_serving_steps,
+    "max_serving_support": max_serving_support,
+    "max_serving_queries": max_serving_queries,
+  }
+  for name, value in limits.items():
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive integer, got {value!r}.")
   if tf.io.gfile.exists(export_dir):
     raise FileExistsError(f"{export_dir} already exists.")
-  endpoints = _Endpoints(model, example_shape, max_serving_steps)
+  endpoints = _Endpoints(
+    model,
+    example_shape,
+    max_serving_steps,
+    max_serving_support,
+    max_serving_queries,
+  )
+  warmup_ways = endpoints.num_ways or ways or 5
+  _check_warmup_fits(warmup_ways, max_serving_support, max_serving_queries)
   # No archive.track(model): the endpoints' variables are saved anyway, and
   # tracking would make TF trace the Keras model's own default signature.
   archive = keras.export.ExportArchive()
@@ -478,7 +552,7 @@ def export(
     warmup.requests(
       adapt,
       endpoints.example_shape,
-      endpoints.num_ways or ways or 5,
+      warmup_ways,
       endpoints.tied,
       model_name,
     ),
@@ -490,7 +564,7 @@ def export(
     "tie_init_rows": endpoints.tied,
     "embedding_size": endpoints.embedding_size,
     "t_final": float(model.classifier.t_final.numpy()),
-    "max_serving_steps": max_serving_steps,
+    **limits,
     **(metadata or {}),
   }
   with tf.io.gfile.GFile(
@@ -498,6 +572,19 @@ def export(
   ) as f:
     json.dump(info, f, indent=2)
   return export_dir
+
+
+def _check_warmup_fits(ways, max_support, max_queries):
+  """Raises ValueError if the warmup requests exceed the request limits."""
+  support = _WARMUP_SHOTS * ways
+  queries = warmup.QUERIES_PER_CLASS * ways
+  if support > max_support or queries > max_queries:
+    raise ValueError(
+      f"The warmup requests of {ways} ways send {support} support and "
+      f"{queries} query images, more than max_serving_support="
+      f"{max_support} or max_serving_queries={max_queries}: raise the "
+      f"limits or use fewer warmup ways."
+    )
 
 
 def next_version(export_base: str) -> int:
@@ -510,6 +597,85 @@ def next_version(export_base: str) -> int:
     if name.rstrip("/").isdigit()
   ]
   return max(versions, default=0) + 1
+
+
+# Temporary folders of exports: `.tmp-export-<host>-<pid>-<32 hex digits>`
+# (`.tmp-export-<pid>-<hex>` before the host was part of the name).
+_TEMP_PREFIX = ".tmp-export-"
+_TEMP_NAME = re.compile(
+  r"^\.tmp-export-(?:(?P<host>.+)-)?(?P<pid>\d+)-[0-9a-f]{32}$"
+)
+
+# A temporary folder whose export cannot be seen (another host, or a pid
+# reused since) is stale after this long: no export takes a day.
+STALE_TEMP_SECONDS = 24 * 3600.0
+
+
+def _host() -> str:
+  """This host's name, as it appears in temporary folder names."""
+  return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+
+
+def _process_runs(pid: int) -> bool:
+  """Whether process `pid` runs on this host."""
+  if pid <= 0:
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # Someone else's process.
+  return True
+
+
+def _is_stale(path: str, host: Optional[str], pid: int, now: float) -> bool:
+  """Whether the temporary folder `path` of export (host, pid) is left over.
+
+  Stale: its export's process no longer runs on this host, or (another
+  host's, or a pid that runs again) it is older than STALE_TEMP_SECONDS.
+  """
+  if host in (None, _host()) and not _process_runs(pid):
+    return True
+  try:
+    modified = tf.io.gfile.stat(path).mtime_nsec / 1e9
+  except (tf.errors.OpError, OSError):
+    return False  # No modification time (an object store): kept.
+  return now - modified > STALE_TEMP_SECONDS
+
+
+def remove_stale_temp_dirs(export_base: str) -> list:
+  """Removes the temporary folders of exports killed before they finished.
+
+  Exports running now (on this host: their process runs; on another: a
+  folder younger than STALE_TEMP_SECONDS) keep theirs.
+
+  Args:
+    export_base: the folder of the numbered versions.
+
+  Returns:
+    The paths removed.
+  """
+  removed = []
+  now = time.time()
+  for name in tf.io.gfile.listdir(export_base):
+    match = _TEMP_NAME.match(name.rstrip("/"))
+    if not match:
+      continue
+    path = os.path.join(export_base, name.rstrip("/"))
+    if not _is_stale(path, match.group("host"), int(match.group("pid")), now):
+      continue
+    try:
+      tf.io.gfile.rmtree(path)
+    except (tf.errors.OpError, OSError):
+      continue  # Removed meanwhile by another export.
+    removed.append(path)
+  if removed:
+    _LOG.warning(
+      "Removed the temporary folders of exports that did not finish: %s.",
+      ", ".join(removed),
+    )
+  return removed
 
 
 def _check_export_base(export_base: str) -> None:
@@ -554,7 +720,9 @@ def export_version(
   half-written version, and exports running at the same time into one base
   never mix: each claims its number by that rename, and without `version`
   one that loses the race takes the next free number. The temporary folder
-  is removed whatever happens.
+  is removed whatever happens; one left by an export that was killed
+  (SIGKILL, a crash of its machine) is removed by a later export
+  (`remove_stale_temp_dirs`).
 
   Args:
     model, example_shape, **kwargs: as `export`.
@@ -580,8 +748,10 @@ def export_version(
     if tf.io.gfile.exists(final_dir):
       raise FileExistsError(f"Version folder {final_dir} already exists.")
   tf.io.gfile.makedirs(export_base)
+  remove_stale_temp_dirs(export_base)
   temp_dir = os.path.join(
-    export_base, f".tmp-export-{os.getpid()}-{uuid.uuid4().hex}"
+    export_base,
+    f"{_TEMP_PREFIX}{_host()}-{os.getpid()}-{uuid.uuid4().hex}",
   )
   try:
     export(model, temp_dir, example_shape, **kwargs)

@@ -123,6 +123,7 @@ def main(argv):
   except (
     training.ConfigError,
     training.DivergedError,
+    training.DiskFullError,
     FileNotFoundError,
   ) as error:
     sys.exit(f"error: {error}")

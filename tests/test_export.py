@@ -8,9 +8,11 @@ with the in-process Keras model.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import keras
 import numpy as np
@@ -444,6 +446,209 @@ def test_export_dir_has_no_temporary_folder(per_class):
   base = os.path.dirname(per_class[1])
   assert os.listdir(base) == ["1"]
   assert os.path.isfile(os.path.join(base, "1", "saved_model.pb"))
+
+
+def _metadata(export_dir):
+  path = os.path.join(export_dir, "assets.extra", saved_model.METADATA_FILE)
+  with open(path) as f:
+    return json.load(f)
+
+
+def test_requests_over_the_size_limits_are_refused(per_class):
+  _, export_dir, served = per_class
+  info = _metadata(export_dir)
+  max_support = info["max_serving_support"]
+  max_queries = info["max_serving_queries"]
+  rng = np.random.default_rng(0)
+  queries = rng.random((max_queries + 1,) + IMAGE_SHAPE, np.float32)
+  at_limit = _serve(
+    served, "serving_default", **{**_TASK, "query_images": queries[:-1]}
+  )
+  assert at_limit["classes"].shape == (max_queries,)
+
+  def refused(signature, name, count, limit, setting, **inputs):
+    with pytest.raises(
+      tf.errors.InvalidArgumentError,
+      match=(
+        rf"{name} holds too many examples for one request: at most "
+        rf"{limit} \({re.escape(setting)}, fixed at export\); send them in "
+        rf"several requests. Got {count} =\] \[{limit + 1}\]"
+      ),
+    ):
+      _serve(served, signature, **inputs)
+
+  query_limit = (max_queries, "max_serving_queries")
+  refused(
+    "serving_default",
+    "query_images",
+    "Q",
+    *query_limit,
+    **{**_TASK, "query_images": queries},
+  )
+  refused(
+    "predict",
+    "query_images",
+    "Q",
+    *query_limit,
+    query_images=queries,
+    weights=_WEIGHTS,
+  )
+  support = rng.random((max_support + 1,) + IMAGE_SHAPE, np.float32)
+  labels = np.arange(max_support + 1) % WAYS
+  refused(
+    "adapt",
+    "support_images",
+    "M",
+    max_support,
+    "max_serving_support",
+    support_images=support,
+    support_labels=labels,
+  )
+  images = np.concatenate([support, queries])[: max_support + max_queries + 1]
+  refused(
+    "embed",
+    "images",
+    "n",
+    max_support + max_queries,
+    "max_serving_support + max_serving_queries",
+    images=images,
+  )
+
+
+def test_limits_too_small_for_the_warmup_requests_are_refused(
+  tmp_path, per_class
+):
+  model = per_class[0]
+  export_dir = str(tmp_path / "1")
+  # 5 ways: 15 queries and up to 5 support images a class.
+  with pytest.raises(ValueError, match="25 support and 75 query images"):
+    saved_model.export(model, export_dir, IMAGE_SHAPE, max_serving_queries=74)
+  with pytest.raises(ValueError, match="max_serving_support=24"):
+    saved_model.export(model, export_dir, IMAGE_SHAPE, max_serving_support=24)
+  with pytest.raises(
+    ValueError, match="max_serving_queries must be a positive integer"
+  ):
+    saved_model.export(model, export_dir, IMAGE_SHAPE, max_serving_queries=0)
+  assert not os.path.exists(export_dir)
+
+
+def test_non_finite_logits_are_refused_not_classified(per_class):
+  _, _, served = per_class
+  # Finite weights whose products with the (non-negative) embeddings
+  # overflow: every logit +inf, whose argmax would be class 0.
+  weights = np.full((WAYS, 8), 3e38, np.float32)
+  embeddings = _serve(served, "embed", images=_QUERY)["embeddings"]
+  with np.errstate(over="ignore"):
+    logits = embeddings @ weights.T
+  assert not np.all(np.isfinite(logits))
+  with pytest.raises(
+    tf.errors.InvalidArgumentError,
+    match="the logits of the queries are not finite",
+  ):
+    _serve(served, "predict", query_images=_QUERY, weights=weights)
+
+
+# An export killed while it writes its temporary folder.
+_KILLED_EXPORT_SCRIPT = """
+import os
+import sys
+import time
+
+from export import saved_model
+
+
+def export_forever(model, export_dir, *args, **kwargs):
+  os.makedirs(export_dir)
+  with open(os.path.join(export_dir, "saved_model.pb"), "wb") as f:
+    f.write(b"half written")
+  print("writing", flush=True)
+  time.sleep(600)
+
+
+saved_model.export = export_forever
+saved_model.export_version(None, sys.argv[1], (28, 28, 1))
+"""
+
+
+def test_later_exports_remove_the_temporary_folders_of_killed_ones(
+  tmp_path, per_class
+):
+  base = tmp_path / "base"
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  killed = subprocess.Popen(
+    [sys.executable, "-c", _KILLED_EXPORT_SCRIPT, str(base)],
+    cwd=repo,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.DEVNULL,
+    text=True,
+  )
+  try:
+    assert killed.stdout.readline().strip() == "writing"
+  finally:
+    killed.kill()
+    killed.wait(timeout=60)
+  [left] = os.listdir(base)
+  assert left.startswith(".tmp-export-")
+  export_dir = saved_model.export_version(per_class[0], str(base), IMAGE_SHAPE)
+  assert sorted(os.listdir(base)) == ["1"]
+  assert export_dir == str(base / "1")
+
+
+def test_a_damaged_config_json_is_one_line_for_export_model(tmp_path):
+  model_dir = tmp_path / "run"
+  model_dir.mkdir()
+  path = model_dir / "config.json"
+  path.write_text('{"data": {"ways": 5,')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = _run(
+    [
+      sys.executable,
+      "-m",
+      "export.export_model",
+      f"--model_dir={model_dir}",
+      f"--export_base={tmp_path / 'exports'}",
+    ],
+    repo,
+    succeed=False,
+  )
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert re.search(
+    f"^export_model: {re.escape(str(path))} is not valid JSON \\(Expecting",
+    result.stderr,
+    re.MULTILINE,
+  ), result.stderr[-3000:]
+  assert not (tmp_path / "exports").exists()
+
+
+def test_only_stale_temporary_folders_are_removed(tmp_path):
+  here, pid = saved_model._host(), os.getpid()  # pylint: disable=protected-access
+  gone = 2**22 + 1  # Above Linux's largest pid: no process has it.
+  token = "0123456789abcdef" * 2
+  names = {
+    # This host: by whether the process runs.
+    f".tmp-export-{here}-{gone}-{token}": False,
+    f".tmp-export-{gone}-{token}": False,  # Named without the host.
+    f".tmp-export-{here}-{pid}-{token}": True,  # An export running now.
+    # Another host: by age.
+    f".tmp-export-elsewhere-{gone}-{token}": True,
+    f".tmp-export-old_host-{gone}-{token}": False,
+    # Not temporary folders of exports.
+    "3": True,
+    ".tmp-11": True,
+  }
+  for name in names:
+    (tmp_path / name).mkdir()
+  day_and_more = time.time() - saved_model.STALE_TEMP_SECONDS - 60
+  os.utime(
+    tmp_path / f".tmp-export-old_host-{gone}-{token}", (day_and_more,) * 2
+  )
+  removed = saved_model.remove_stale_temp_dirs(str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == sorted(
+    name for name, kept in names.items() if kept
+  )
+  assert sorted(removed) == sorted(
+    str(tmp_path / name) for name, kept in names.items() if not kept
+  )
 
 
 def _run(command, cwd, env=None, succeed=True):

@@ -229,6 +229,93 @@ def test_bad_arguments():
     COMLN("conv4", GradientFlowClassifier(WAYS), weight_decay=-1.0)
 
 
+_DYNAMIC_SPEC = [
+  tf.TensorSpec([None, None, 8]),
+  tf.TensorSpec([None, None], tf.int32),
+  tf.TensorSpec([None, None, 8]),
+]
+
+
+def test_tied_rows_with_no_task_give_an_empty_result():
+  # B = 0 tasks: an empty result, as the engine and a per-class layer give.
+  support = np.zeros((0, 5, 8), np.float32)
+  labels = np.zeros((0, 5), np.int32)
+  queries = np.zeros((0, 3, 8), np.float32)
+  per_class = GradientFlowClassifier(WAYS)
+  per_class.build(support.shape)
+  expected = per_class(support, labels, queries)
+  assert expected.shape == (0, 3, WAYS)
+  tied = GradientFlowClassifier(tie_init_rows=True)
+  tied.build(support.shape)
+  graph = tf.function(tied.__call__, input_signature=_DYNAMIC_SPEC)
+  for call in (tied, graph):
+    logits = call(support, labels, queries)
+    assert logits.shape[:2] == (0, 3) and tf.size(logits) == 0
+  # One task still needs its labels to be a task.
+  rng = np.random.default_rng(0)
+  with pytest.raises(tf.errors.InvalidArgumentError, match="every class"):
+    tied(
+      rng.normal(size=(1, 5, 8)).astype(np.float32),
+      np.array([[0, 1, 3, 3, 1]], np.int32),
+      rng.normal(size=(1, 3, 8)).astype(np.float32),
+    )
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_query_embeddings_are_refused(value):
+  rng = np.random.default_rng(0)
+  support = rng.normal(size=(2, 5, 8)).astype(np.float32)
+  labels = np.tile(np.arange(WAYS, dtype=np.int32), (2, 1))
+  queries = rng.normal(size=(2, 3, 8)).astype(np.float32)
+  bad = queries.copy()
+  bad[1, 2, 4] = value
+  layer = GradientFlowClassifier(WAYS)
+  layer.build(support.shape)
+  graph = tf.function(layer.__call__, input_signature=_DYNAMIC_SPEC)
+  for call in (layer, graph):
+    assert np.all(np.isfinite(call(support, labels, queries)))
+    with pytest.raises(
+      tf.errors.InvalidArgumentError, match="query_embeddings must be finite"
+    ):
+      call(support, labels, bad)
+  # Under XLA, where assertions are compiled away: NaN logits, no class.
+  compiled = tf.function(layer.__call__, jit_compile=True)
+  logits = compiled(support, labels, bad).numpy()
+  assert np.all(np.isfinite(logits[0])) and np.all(np.isnan(logits[1, 2]))
+  # The model: a NaN query image gives no logits either (Conv-4 would turn
+  # it into huge finite embeddings, and the solve would run to max_steps).
+  model = _conv4_model()
+  episode = _episodes(2)
+  model(episode)
+  episode["query_images"][1, 3, 5, 5, 0] = value
+  with pytest.raises(
+    tf.errors.InvalidArgumentError, match="query_images must be finite"
+  ):
+    model(episode)
+
+
+def test_accuracy_never_counts_non_finite_logits_as_a_class():
+  labels = tf.constant([[0, 1, 0]])
+  logits = tf.constant([[[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]]])
+  np.testing.assert_array_equal(
+    COMLN.query_correct(labels, logits), [[1.0, 1.0, 1.0]]
+  )
+  # argmax of [nan, nan] is class 0, the right label of that query.
+  nan_row = tf.tensor_scatter_nd_update(logits, [[0, 2]], [[np.nan, np.nan]])
+  assert tf.argmax(nan_row[0, 2]).numpy() == 0
+  correct = COMLN.query_correct(labels, nan_row).numpy()
+  np.testing.assert_array_equal(correct[0, :2], [1.0, 1.0])
+  assert np.isnan(correct[0, 2])
+  # The metric the Keras train and test steps log.
+  model = _conv4_model()
+  _, stats = model(_episodes(1), return_stats=True)
+  model.compile(optimizer="sgd")
+  logs = model._update_metrics(  # pylint: disable=protected-access
+    {"query_labels": labels}, nan_row, 0.0, stats
+  )
+  assert np.isnan(float(logs["accuracy"]))
+
+
 # model.fit under MirroredStrategy on 2 logical CPUs, in a fresh process
 # (logical devices must be set before TensorFlow initializes). Prints the
 # single-device and mirrored updates of one SGD step and the error of an

@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import time
+import tracemalloc
 
 import keras
 import numpy as np
@@ -152,6 +153,43 @@ def test_a_damaged_pickle_is_a_clear_error(tmp_path):
   path.write_bytes(pickle.dumps({"data": np.zeros(100)}, protocol=2)[:60])
   with pytest.raises(ValueError, match=f"{path} is not a pickle"):
     _read_pickle(path, ("data",))
+
+
+# A few bytes that ask for 256 MB: bytearray(n), numpy's _reconstruct of a
+# large shape (numpy pickles ask for an empty array, then fill it from the
+# file) and ndarray(shape) called directly.
+_HUGE = 2**28
+
+
+@pytest.mark.parametrize(
+  "raw, message",
+  [
+    (
+      f"c__builtin__\nbytearray\n(I{_HUGE}\ntR.".encode(),
+      "bytearray with a int",
+    ),
+    (
+      f"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n"
+      f"(I{_HUGE}\ntS'b'\ntR.".encode(),
+      "_reconstruct for an array of shape",
+    ),
+    (f"cnumpy\nndarray\n((I{_HUGE}\nttR.".encode(), "numpy.ndarray directly"),
+  ],
+)
+def test_a_pickle_cannot_allocate_memory_its_file_does_not_hold(
+  tmp_path, raw, message
+):
+  path = tmp_path / "small.pkl"
+  path.write_bytes(raw)
+  assert path.stat().st_size < 100
+  tracemalloc.start()
+  try:
+    with pytest.raises(ValueError, match=rf"{path}.*refused.*{message}"):
+      _read_pickle(path, ("data",))
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert peak < _HUGE // 16, peak
 
 
 # Engine edge cases.
@@ -771,6 +809,148 @@ def test_after_a_fallback_the_best_checkpoint_keeps_its_record(
   ] == pytest.approx(0.99)
 
 
+def _files(directory):
+  return {
+    path.name: path.read_bytes()
+    for path in pathlib.Path(directory).iterdir()
+    if path.is_file()
+  }
+
+
+def test_a_best_checkpoint_without_latest_ones_is_never_trained_over(
+  tmp_path, uninterrupted
+):
+  model_dir = tmp_path / "run"
+  shutil.copytree(uninterrupted[1], model_dir)
+  for path in model_dir.glob("ckpt-*"):
+    path.unlink()
+  (model_dir / "checkpoint").unlink()
+  best_before = _files(model_dir / "best")
+  best = training.checkpoint_path(str(model_dir), "best")
+  recorded = _values(best)["best_accuracy/.ATTRIBUTES/VARIABLE_VALUE"]
+  with pytest.raises(
+    training.ConfigError,
+    match=(
+      rf"holds a best checkpoint \({re.escape(best)}, validation accuracy "
+      rf"{recorded:.4f}\) but no checkpoint to resume from.* delete "
+      rf"'{re.escape(str(model_dir / 'best'))}' or use a new --model_dir"
+    ),
+  ):
+    _train(model_dir, 10)
+  assert _files(model_dir / "best") == best_before
+  assert not list(model_dir.glob("ckpt-*"))
+
+
+class _Killed(Exception):
+  """Stands for a SIGKILL at a given point of the loop."""
+
+
+def test_a_run_killed_after_its_first_best_save_can_resume(
+  tmp_path, monkeypatch
+):
+  # Validation at step 2, checkpoints every 4: the first best model comes
+  # before the first checkpoint is due.
+  config = training.make_config(
+    {
+      **_TINY_RUN,
+      "schedule.steps": 3,
+      "schedule.validate_every": 2,
+      "schedule.checkpoint_every": 4,
+    }
+  )
+  model_dir = tmp_path / "run"
+  save = tf.train.CheckpointManager.save
+
+  def die_once_best_is_saved(manager, *args, **kwargs):
+    path = save(manager, *args, **kwargs)
+    if os.path.basename(manager.directory) == "best":
+      raise _Killed
+    return path
+
+  monkeypatch.setattr(
+    tf.train.CheckpointManager, "save", die_once_best_is_saved
+  )
+  with pytest.raises(_Killed):
+    training.train(config, str(model_dir), progress=False)
+  monkeypatch.undo()
+  assert (
+    training.checkpoint_step(training.checkpoint_path(str(model_dir), "best"))
+    == 2
+  )
+  # A checkpoint to resume from was saved with the best model.
+  assert (
+    training.checkpoint_step(training.checkpoint_path(str(model_dir), "latest"))
+    == 2
+  )
+  assert training.train(config, str(model_dir), progress=False)["step"] == 3
+  assert _steps_on_disk(model_dir) == [2, 3]
+
+
+# A training whose checkpoint of step 2 finds the disk full: the save
+# leaves a data file cut short, as a full disk does, and fails as
+# TensorFlow's file system reports ENOSPC.
+_DISK_FULL_SCRIPT = """
+import os
+import sys
+
+from absl import app
+import tensorflow as tf
+
+save = tf.train.CheckpointManager.save
+
+
+def save_on_a_full_disk(self, checkpoint_number=None, **kwargs):
+  if checkpoint_number != 2:
+    return save(self, checkpoint_number=checkpoint_number, **kwargs)
+  prefix = os.path.join(self.directory, "ckpt-2")
+  with open(prefix + ".data-00000-of-00001", "wb") as f:
+    f.write(bytes(100))
+  raise tf.errors.ResourceExhaustedError(
+      None, None, prefix + ".data-00000-of-00001; No space left on device")
+
+
+tf.train.CheckpointManager.save = save_on_a_full_disk
+from launch import train
+
+app.run(train.main, flags_parser=train._parse_flags, argv=sys.argv)
+"""
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_a_rerun_resumes(
+  tmp_path,
+):
+  model_dir = tmp_path / "run"
+  args = _tiny_cli_args(model_dir, 3, "--config.schedule.checkpoint_every=1")
+  full = subprocess.run(
+    [sys.executable, "-c", _DISK_FULL_SCRIPT, *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=240,
+    check=False,
+  )
+  assert full.returncode == 1, full.stderr[-3000:]
+  assert "Traceback" not in full.stderr, full.stderr[-3000:]
+  [line] = [
+    line for line in full.stderr.splitlines() if line.startswith("error:")
+  ]
+  assert line.startswith(
+    f"error: Disk full at {model_dir}: the checkpoint of step 2 could not "
+    f"be written ("
+  ), line
+  assert line.endswith(
+    "Free space and rerun with the same --model_dir: training resumes from "
+    "the last intact checkpoint."
+  ), line
+  assert cli_helpers.latest_step(model_dir) == 1
+
+  rerun = cli_helpers.run("launch.train", args, timeout=240)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f"Resumed from {model_dir}/ckpt-1 (step 1)" in rerun.stderr
+  assert list(model_dir.glob("ckpt-2.data-*.damaged"))
+  assert cli_helpers.latest_step(model_dir) == 3
+
+
 def _tiny_cli_args(model_dir, steps, *extra):
   return (
     (f"--model_dir={model_dir}",)
@@ -877,6 +1057,95 @@ def test_lock_of_a_live_process_on_another_host_is_respected(tmp_path):
       os.getpid()
     )
   assert not (tmp_path / ".lock").exists()
+
+
+# Processes forked at once take over a stale lock: each writes "won" (and
+# holds the lock until every taker has tried) or "lost". Prints the
+# outcomes of each race.
+_LOCK_RACE_SCRIPT = """
+import json
+import os
+import socket
+import sys
+import time
+
+from comln_tf.training import _checkpoints
+from comln_tf.training._config import ConfigError
+
+
+def write(results, index, outcome):
+  path = os.path.join(results, str(index))
+  with open(path + ".tmp", "w") as f:
+    f.write(outcome)
+  os.replace(path + ".tmp", path)
+
+
+def taker(directory, results, index, takers, start):
+  time.sleep(max(0.0, start - time.time()))
+  try:
+    with _checkpoints.RunLock(directory):
+      write(results, index, "won")
+      deadline = time.time() + 60
+      while len(os.listdir(results)) < takers and time.time() < deadline:
+        time.sleep(0.01)
+  except ConfigError as error:
+    lost = "in use by another training" in str(error)
+    write(results, index, "lost" if lost else f"error: {error}")
+
+
+def race(directory, takers):
+  os.makedirs(directory)
+  with open(os.path.join(directory, _checkpoints.LOCK_FILE), "w") as f:
+    json.dump({"host": socket.gethostname(), "pid": 2**22 + 1}, f)
+  results = os.path.join(directory, "results")
+  os.makedirs(results)
+  start = time.time() + 0.3
+  children = []
+  for index in range(takers):
+    pid = os.fork()
+    if pid == 0:
+      try:
+        taker(directory, results, index, takers, start)
+      finally:
+        os._exit(0)
+    children.append(pid)
+  for pid in children:
+    os.waitpid(pid, 0)
+  return sorted(
+    open(os.path.join(results, name)).read() for name in os.listdir(results)
+  )
+
+
+base, races, takers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+print(json.dumps([race(os.path.join(base, str(i)), takers)
+                  for i in range(races)]))
+"""
+
+
+def test_a_stale_lock_is_taken_over_by_exactly_one_of_many_processes(
+  tmp_path,
+):
+  races, takers = 5, 12
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      _LOCK_RACE_SCRIPT,
+      str(tmp_path),
+      str(races),
+      str(takers),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=240,
+    check=False,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  outcomes = json.loads(result.stdout.strip().splitlines()[-1])
+  assert outcomes == [["lost"] * (takers - 1) + ["won"]] * races, outcomes
+  for index in range(races):
+    assert not (tmp_path / str(index) / ".lock").exists()
 
 
 def test_unusable_model_dir_and_export_base_give_one_line_errors(tmp_path):

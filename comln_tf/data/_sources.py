@@ -4,7 +4,6 @@ Each source is a function `(data_dir, image_size, **options) -> Splits`,
 registered by name in `_SOURCES`.
 """
 
-import builtins
 import codecs
 import functools
 import hashlib
@@ -147,6 +146,70 @@ def _collect(dataset, fn):
   return tuple(np.concatenate(column) for column in zip(*parts))
 
 
+class _NdarrayName:
+  """What a data pickle's `numpy.ndarray` resolves to: a name, not a class.
+
+  numpy pickles pass the class to `_reconstruct` only, which maps it back
+  (`_empty_array_reconstruct`). Called directly, ndarray(shape) would
+  allocate any size the pickle asks for.
+  """
+
+  def __call__(self, *args, **kwargs):
+    raise pickle.UnpicklingError(
+      "it calls numpy.ndarray directly; numpy pickles rebuild arrays "
+      "with numpy.core.multiarray._reconstruct only"
+    )
+
+
+_NDARRAY = _NdarrayName()
+
+
+def _empty_array_reconstruct(reconstruct):
+  """numpy's `_reconstruct`, for an empty ndarray only.
+
+  numpy pickles rebuild an array as `_reconstruct(ndarray, (0,), b"b")`,
+  then fill it from data in the file (`__setstate__` checks that the data
+  is as large as the shape says). A larger shape here would allocate
+  memory that no data in the file backs.
+  """
+
+  def checked(subtype, shape, dtype):
+    if subtype is not _NDARRAY:
+      raise pickle.UnpicklingError(
+        f"it rebuilds an array of type {subtype!r}; data pickles may only "
+        f"hold numpy.ndarray"
+      )
+    if (
+      not isinstance(shape, tuple)
+      or not all(isinstance(size, int) and size >= 0 for size in shape)
+      or 0 not in shape
+    ):
+      raise pickle.UnpicklingError(
+        f"it asks numpy's _reconstruct for an array of shape {shape!r}; "
+        f"numpy pickles ask for an empty one, then fill it from the file"
+      )
+    return reconstruct(np.ndarray, shape, dtype)
+
+  return checked
+
+
+def _bytearray(source=b"", encoding=None, errors=None):
+  """bytearray(source) of bytes or a string, never of a size.
+
+  bytearray(n) allocates n bytes that no data in the file backs (a pickle
+  of a few bytes could ask for gigabytes); pickles of a bytearray hold its
+  content.
+  """
+  if not isinstance(source, (bytes, bytearray, str)):
+    raise pickle.UnpicklingError(
+      f"it calls bytearray with a {type(source).__name__}; pickles of a "
+      f"bytearray hold its content (bytes or a string)"
+    )
+  if encoding is None:
+    return bytearray(source)
+  return bytearray(source, encoding, *(() if errors is None else (errors,)))
+
+
 def _numpy_internals():
   """numpy's pickle helpers, under both of their module names.
 
@@ -161,7 +224,7 @@ def _numpy_internals():
     from numpy.core import multiarray
     from numpy.core import numeric
   functions = {
-    "_reconstruct": multiarray._reconstruct,
+    "_reconstruct": _empty_array_reconstruct(multiarray._reconstruct),
     "scalar": multiarray.scalar,
   }
   allowed = {}
@@ -175,15 +238,22 @@ def _numpy_internals():
 # What a data pickle may construct: numpy arrays, dtypes and scalars, and
 # plain containers (dicts, lists, tuples, strings, numbers are pickle
 # opcodes, not globals). `_codecs.encode` is how protocol 2 writes bytes;
-# Python 2 pickles name the builtins module `__builtin__`.
+# Python 2 pickles name the builtins module `__builtin__`. None allocates
+# more than the data in the file: an array's or bytearray's content is in
+# the file (`_empty_array_reconstruct`, `_bytearray`).
 _PICKLE_GLOBALS = {
-  ("numpy", "ndarray"): np.ndarray,
+  ("numpy", "ndarray"): _NDARRAY,
   ("numpy", "dtype"): np.dtype,
   ("_codecs", "encode"): codecs.encode,
   **{
-    (module, name): getattr(builtins, name)
+    (module, name): function
     for module in ("builtins", "__builtin__")
-    for name in ("bytearray", "set", "frozenset", "complex")
+    for name, function in (
+      ("bytearray", _bytearray),
+      ("set", set),
+      ("frozenset", frozenset),
+      ("complex", complex),
+    )
   },
   **_numpy_internals(),
 }

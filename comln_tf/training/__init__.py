@@ -2,7 +2,8 @@
 
 Public API:
   train: meta-train (or resume) a run in a model_dir; DivergedError: it
-    stopped because the loss, gradient norm or T became non-finite.
+    stopped because the loss, query logits, gradient norm or T became
+    non-finite; DiskFullError: a checkpoint found no space to be written.
   default_config, make_config, validate_config, ConfigError: run
     configurations (ml_collections ConfigDicts in groups data, model,
     adaptation, optim, schedule, run; see `default_config`).
@@ -56,6 +57,7 @@ from comln_tf.training._distribute import is_chief
 from comln_tf.training._distribute import make_strategy
 from comln_tf.training._evaluate import evaluate_run
 from comln_tf.training._evaluate import evaluation_model
+from comln_tf.training._loop import DiskFullError
 from comln_tf.training._loop import DivergedError
 from comln_tf.training._loop import check_episodes
 from comln_tf.training._loop import load_data
@@ -79,6 +81,7 @@ __all__ = [
   "CONFIG_FILE",
   "ConfigError",
   "DERIVED_FIELDS",
+  "DiskFullError",
   "DivergedError",
   "OPTIMIZERS",
   "RESUMABLE_FIELDS",

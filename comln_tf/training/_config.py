@@ -522,6 +522,8 @@ def load_config(model_dir: str) -> ml_collections.ConfigDict:
 
   Raises:
     FileNotFoundError: no config.json in model_dir.
+    ConfigError: a config.json that is not a JSON object of configuration
+      fields (damaged, cut short, edited by hand), naming the file.
   """
   path = os.path.join(model_dir, CONFIG_FILE)
   if not tf.io.gfile.exists(path):
@@ -529,8 +531,35 @@ def load_config(model_dir: str) -> ml_collections.ConfigDict:
       f"No {CONFIG_FILE} in model_dir {model_dir!r}: "
       f"not the model_dir of a training run."
     )
-  with tf.io.gfile.GFile(path) as f:
-    return from_json(json.load(f))
+  damaged = (
+    "restore it from a backup, or train in a new model_dir (a resumed run "
+    "or an export needs its configuration)."
+  )
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      value = json.load(f)
+  except json.JSONDecodeError as error:
+    raise ConfigError(
+      f"{path} is not valid JSON ({error.msg} at line {error.lineno}, "
+      f"column {error.colno}): {damaged}"
+    ) from error
+  except UnicodeDecodeError as error:
+    raise ConfigError(
+      f"{path} is not valid JSON (not UTF-8 text: {error.reason} at byte "
+      f"{error.start}): {damaged}"
+    ) from error
+  if not isinstance(value, Mapping):
+    kind = {list: "an array", str: "a string", bool: "a boolean"}.get(
+      type(value), "a number" if isinstance(value, (int, float)) else "null"
+    )
+    raise ConfigError(
+      f"{path} must hold a JSON object of configuration fields, got "
+      f"{kind}: {damaged}"
+    )
+  try:
+    return from_json(value)
+  except ConfigError as error:
+    raise ConfigError(f"{path}: {error}") from error
 
 
 def check_resume(

@@ -9,6 +9,7 @@ uninterrupted run reads from step k on.
 
 import dataclasses
 import datetime
+import errno
 import logging
 import math
 import os
@@ -226,6 +227,10 @@ def make_train_step(model, optimizer, step, strategy, totals, clip_norm=None):
   by min(1, clip_norm / norm), so the applied gradient has norm
   <= clip_norm.
 
+  The accuracy of a step whose logits are not all finite is NaN (see
+  `COMLN.query_correct`), so that the divergence check stops the run
+  instead of logging an accuracy made of argmaxes of NaN.
+
   Args:
     model: a built COMLN, created under `strategy`.
     optimizer: a built Keras optimizer, created under `strategy`.
@@ -253,13 +258,11 @@ def make_train_step(model, optimizer, step, strategy, totals, clip_norm=None):
       scale = tf.minimum(1.0, clip_norm / grad_norm)
       gradients = [g * scale for g in gradients]
     optimizer.apply(gradients, model.trainable_variables)
-    correct = tf.equal(
-      tf.argmax(logits, axis=-1, output_type=tf.int32),
-      tf.cast(batch["query_labels"], tf.int32),
-    )
     return {
       "loss": loss,
-      "accuracy": tf.reduce_mean(tf.cast(correct, tf.float32)),
+      "accuracy": tf.reduce_mean(
+        model.query_correct(batch["query_labels"], logits)
+      ),
       "num_evals": tf.cast(stats.num_evals, tf.float32),
       "grad_norm": grad_norm,
     }
@@ -277,6 +280,44 @@ def make_train_step(model, optimizer, step, strategy, totals, clip_norm=None):
   return train_step
 
 
+class DiskFullError(RuntimeError):
+  """A checkpoint could not be written: no space left on its device."""
+
+
+# Errors of a write that found no space: TensorFlow reports ENOSPC and
+# EDQUOT as ResourceExhaustedError, Python as OSError.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _save_or_explain(manager, step: int) -> str:
+  """`manager.save(checkpoint_number=step)`, with a clear disk-full error.
+
+  Args:
+    manager: a tf.train.CheckpointManager.
+    step: the checkpoint's number.
+
+  Returns:
+    The prefix of the checkpoint written.
+
+  Raises:
+    DiskFullError: no space left where the checkpoint is written (naming
+      that directory and what to do).
+  """
+  try:
+    return manager.save(checkpoint_number=step)
+  except (tf.errors.ResourceExhaustedError, OSError) as error:
+    if isinstance(error, OSError) and error.errno not in _NO_SPACE:
+      raise
+    message = getattr(error, "message", None) or str(error)
+    first_line = (message.strip().splitlines() or [type(error).__name__])[0]
+    raise DiskFullError(
+      f"Disk full at {manager.directory}: the checkpoint of step {step} "
+      f"could not be written ({first_line[:200]}). Free space and rerun "
+      f"with the same --model_dir: training resumes from the last intact "
+      f"checkpoint."
+    ) from error
+
+
 class _Saver:
   """Saves the latest and the best checkpoints, the multi-worker way.
 
@@ -288,7 +329,8 @@ class _Saver:
   index) before it updates its `checkpoint` state file, and it replaces
   that file atomically (temporary file + rename); old checkpoints are
   deleted only after. So a run killed at any point leaves a state file
-  naming only complete checkpoints, for the latest and the best alike.
+  naming only complete checkpoints, for the latest and the best alike. A
+  save that finds the disk full raises `DiskFullError`.
   """
 
   def __init__(self, checkpoint, model_dir, strategy, keep):
@@ -300,15 +342,18 @@ class _Saver:
     self._best = tf.train.CheckpointManager(
       checkpoint, os.path.join(self._root, _models.BEST_DIR), max_to_keep=1
     )
+    self.latest_step = None  # The step of the last save_latest of this run.
 
   def _save(self, manager, step):
-    path = manager.save(checkpoint_number=step)
+    path = _save_or_explain(manager, step)
     if not self._chief:
       tf.io.gfile.rmtree(self._root)
     return path
 
   def save_latest(self, step):
-    return self._save(self._latest, step)
+    path = self._save(self._latest, step)
+    self.latest_step = step
+    return path
 
   def save_best(self, step):
     return self._save(self._best, step)
@@ -321,12 +366,23 @@ def _restore(state, model_dir, chief=True):
   started with run.init_from. Damaged checkpoints are set aside with a
   warning (`_checkpoints.latest_intact`, on the chief); checkpoints of which
   none is intact stop the run (CheckpointError), never a restart from
-  step 0. The best accuracy comes from best/ when that is higher than the
-  restored checkpoint's record (after a fallback to an older checkpoint),
-  so the best model is replaced only by a better one.
+  step 0.
+
+  best/ is replaced only by a better model: the best accuracy is the one
+  recorded with the model in best/ (after a fallback to an older
+  checkpoint, the restored record may be lower; after a crash between the
+  saves of a step, higher than what best/ holds), and a model_dir with a
+  best/ checkpoint but no checkpoint to resume from (ckpt-* deleted) is
+  refused rather than trained again from step 0, which would replace the
+  best model by the first, worse, one validated. To start over, delete
+  best/ or use a new model_dir.
 
   Call it before creating the run's CheckpointManagers: it may rewrite the
   state files they read.
+
+  Raises:
+    CheckpointError: checkpoints of which none is intact, or a best/
+      checkpoint without any to resume from.
   """
 
   def restore(path):
@@ -335,16 +391,35 @@ def _restore(state, model_dir, chief=True):
   best_dir = os.path.join(model_dir, _models.BEST_DIR)
   best = _checkpoints.latest_intact(best_dir, modify=chief)
   path = _checkpoints.latest_intact(model_dir, restore=restore, modify=chief)
-  if path is None:
-    return 0
-  step = int(state.step.numpy())
   recorded = (
     None if best is None else _checkpoints.recorded_value(best, "best_accuracy")
   )
-  if recorded is not None and recorded > float(state.best_accuracy.numpy()):
+  if path is None:
+    if best is not None:
+      raise _checkpoints.CheckpointError(_best_without_latest(model_dir, best))
+    return 0
+  step = int(state.step.numpy())
+  if best is None:
+    state.best_accuracy.assign(-1.0)
+  elif recorded is not None:
     state.best_accuracy.assign(recorded)
   _LOG.info("Resumed from %s (step %d).", path, step)
   return step
+
+
+def _best_without_latest(model_dir, best):
+  """The message of a model_dir with a best/ checkpoint and no latest one."""
+  recorded = _checkpoints.recorded_value(best, "best_accuracy")
+  accuracy = "" if recorded is None else f", validation accuracy {recorded:.4f}"
+  return (
+    f"model_dir {model_dir!r} holds a best checkpoint ({best}{accuracy}) "
+    f"but no checkpoint to resume from (ckpt-* and its "
+    f"{_checkpoints.STATE_FILE!r} file are gone): training would start "
+    f"again from step 0 and replace the best model. To resume, put the "
+    f"run's ckpt-* files and {_checkpoints.STATE_FILE!r} back; to start "
+    f"over, delete {os.path.join(model_dir, _models.BEST_DIR)!r} or use a "
+    f"new --model_dir."
+  )
 
 
 # TensorBoard's scalar-plugin metadata, so that summaries need no
@@ -480,7 +555,7 @@ class _Monitor:
 
 
 class DivergedError(RuntimeError):
-  """Meta-training stopped: the loss or T is no longer finite."""
+  """Meta-training stopped: the loss, logits, gradient or T is not finite."""
 
 
 def _check_finite(totals, model, step, last_checked, model_dir, error=None):
@@ -489,7 +564,9 @@ def _check_finite(totals, model, step, last_checked, model_dir, error=None):
   Under XLA the engine's assertions are compiled away and a diverged step
   gives NaN values, not an error; without XLA the step after it fails in
   the engine (e.g. "t_final must be > 0, got nan"). Either way training
-  stops here, before a non-finite checkpoint can be written.
+  stops here, before a non-finite checkpoint can be written. A step whose
+  query logits are not all finite has a NaN accuracy
+  (`COMLN.query_correct`), so no accuracy is ever logged from them.
 
   Args:
     totals: the step accumulators (sums since the last log).
@@ -502,18 +579,21 @@ def _check_finite(totals, model, step, last_checked, model_dir, error=None):
   # A step's loss precedes its update: a non-finite gradient is what makes
   # the updated weights non-finite.
   loss = float(totals["loss"].numpy())
+  accuracy = float(totals["accuracy"].numpy())
   grad_norm = float(totals["grad_norm"].numpy())
   t_final = float(model.classifier.t_final)
-  if all(map(math.isfinite, (loss, grad_norm, t_final))):
+  if all(map(math.isfinite, (loss, accuracy, grad_norm, t_final))):
     if error is not None:
       raise error
     return
+  logits = "" if math.isfinite(accuracy) else " (query logits not finite)"
   raise DivergedError(
     f"Meta-training diverged between steps {last_checked + 1} and {step}: "
-    f"loss {loss}, gradient norm {grad_norm}, T {t_final}. Nothing after "
-    f"step {last_checked} was saved (latest checkpoints in {model_dir!r}, "
-    f"the best in {os.path.join(model_dir, _models.BEST_DIR)!r}). Train "
-    f"again in a new model_dir with config.optim.clip_norm or a lower "
+    f"loss {loss}{logits}, gradient norm {grad_norm}, T {t_final}. Nothing "
+    f"after step {last_checked} was saved (latest checkpoints in "
+    f"{model_dir!r}, the best in "
+    f"{os.path.join(model_dir, _models.BEST_DIR)!r}). Train again in a new "
+    f"model_dir with config.optim.clip_norm or a lower "
     f"config.optim.learning_rate."
   ) from error
 
@@ -529,6 +609,13 @@ def train(config, model_dir, strategy=None, progress=True):
   accuracy under best/) and TensorBoard summaries (train/: loss, accuracy,
   t_final, num_evals, episodes_per_second; validation/: accuracy, ci95).
   Training stops after config.schedule.steps meta-training steps in total.
+
+  A model_dir is resumed from its latest intact checkpoint. One that holds
+  a best/ checkpoint but no latest one to resume from (ckpt-* deleted) is
+  refused, never trained again from step 0 over its best model: delete
+  best/ or use a new model_dir to start over. best/ is only ever replaced
+  by a model of higher validation accuracy. A run refused before training
+  (bad configuration or data) leaves no model_dir behind that it created.
 
   Args:
     config: a configuration (see `make_config`).
@@ -546,10 +633,14 @@ def train(config, model_dir, strategy=None, progress=True):
   Raises:
     ConfigError: bad configuration (before any training), a model_dir that
       cannot be written or is in use by another training (a lock file,
-      taken over when its process is gone), or checkpoints of which none is
-      intact (CheckpointError).
-    DivergedError: the loss or T became non-finite (no checkpoint of a
-      non-finite state is written).
+      taken over when its process is gone), checkpoints of which none is
+      intact, or a best/ checkpoint without any to resume from
+      (CheckpointError).
+    DivergedError: the loss, the query logits, the gradient or T became
+      non-finite (no checkpoint of a non-finite state is written).
+    DiskFullError: a checkpoint could not be written for lack of space
+      (rerun once space is freed: the run resumes from its last intact
+      checkpoint).
     Preempted: SIGTERM arrived; a checkpoint of the current step was written
       (a SystemExit: the process exits with its message).
   """
@@ -699,11 +790,15 @@ def _train(config, model_dir, strategy, progress, sigterm):
         monitor.log_validation(step, summary, improved)
         if improved:
           state.best_accuracy.assign(summary["accuracy"])
+          if not start and saver.latest_step is None:
+            # best/ never exists without a checkpoint to resume from (see
+            # `_restore`): the first one is saved first.
+            saver.save_latest(step)
           saver.save_best(step)
-      if checkpoint_due:
+      if checkpoint_due and saver.latest_step != step:
         saver.save_latest(step)
       if sigterm.raised:
-        if not checkpoint_due:
+        if saver.latest_step != step:
           _check_finite(totals, state.model, step, last_checked, model_dir)
           saver.save_latest(step)
         message = (
