@@ -14,6 +14,8 @@ Public API:
 
 __version__ = "0.1.0"
 
+# First: settings TensorFlow reads when it creates its CPU device.
+from comln_tf import _process_defaults  # noqa: F401  isort: skip
 from comln_tf import layers
 from comln_tf._adapt import adapt
 from comln_tf._discrete_adjoint import Auto

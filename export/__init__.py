@@ -9,3 +9,6 @@ Modules:
   session: an export loaded with the TF1 session loader, as TF Serving does.
   benchmark: serving latency, size on disk and load time of an export.
 """
+
+# The launchers' quiet TensorFlow start-up (see launch/__init__.py).
+import launch  # noqa: E402, F401  pylint: disable=unused-import

@@ -3,9 +3,36 @@ evaluate) from the repository root, which must be on sys.path.
 """
 
 import logging
+import os
 import sys
 
 from absl import flags
+
+
+def _start_tensorflow_quietly():
+  """Imports TensorFlow without its start-up lines on stderr.
+
+  On a machine without a GPU, TensorFlow's CUDA build prints lines about
+  missing drivers when it loads (before its log level applies) and an
+  error when it looks for a device; XLA warns about every assertion it
+  compiles away. None of it concerns the user. Setting
+  TF_CPP_MIN_LOG_LEVEL (0 shows everything) keeps TensorFlow's own log as
+  it is, start-up included.
+  """
+  if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+    return
+  os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+  saved_stderr = os.dup(2)
+  try:
+    with open(os.devnull, "w") as devnull:
+      os.dup2(devnull.fileno(), 2)
+      import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  finally:
+    os.dup2(saved_stderr, 2)
+    os.close(saved_stderr)
+
+
+_start_tensorflow_quietly()
 
 
 def start(argv):

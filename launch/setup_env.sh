@@ -11,3 +11,9 @@ fi
 # pip skips what is already installed at the pinned versions.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check \
   -r requirements.txt
+# comln_tf itself, editable: the venv's python imports this clone's
+# library from any folder (the README's API snippet as a file, say).
+if ! .venv/bin/python -m pip show --quiet comln_tf >/dev/null 2>&1; then
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check \
+    --no-deps --no-build-isolation --editable .
+fi

@@ -582,3 +582,145 @@ def test_notrain_t_keeps_t_at_initial_t_with_init_from(tmp_path, reference_run):
     if name != log_t and np.any(actual[name] != reference[name])
   ]
   assert trained, "no weight changed in two steps"
+
+
+def test_train_step_reports_no_accuracy_from_nan_logits():
+  # Logits that are NaN (as under XLA, where the engine's assertions are
+  # compiled away) with a finite loss and gradient: only the accuracy can
+  # tell. The argmax of NaN logits is class 0, the label of a third of
+  # these queries.
+  config = training.make_config(
+    {
+      "data.ways": 3,
+      "data.shots": 1,
+      "data.queries": 2,
+      "data.example_shape": [28, 28, 1],
+    }
+  )
+  splits = data.load_splits("omniglot")
+  batch = next(
+    iter(
+      data.eval_episodes(
+        splits.validation, ways=3, shots=1, queries=2, seed=0, num_episodes=2
+      ).batch(2)
+    )
+  )
+  assert np.mean(batch["query_labels"].numpy() == 0) == pytest.approx(1 / 3)
+  model = training.build_model(config)
+  replica_gradients = model.replica_gradients
+
+  def with_nan_logits(episodes):
+    loss, logits, stats, gradients = replica_gradients(episodes)
+    return loss, logits + float("nan"), stats, gradients
+
+  model.replica_gradients = with_nan_logits
+  totals = {
+    name: tf.Variable(0.0)
+    for name in ("loss", "accuracy", "num_evals", "grad_norm", "steps")
+  }
+  train_step = training.make_train_step(
+    model,
+    training.build_optimizer(config, model),
+    tf.Variable(0, dtype=tf.int64),
+    tf.distribute.get_strategy(),
+    totals,
+  )
+  train_step(iter(tf.data.Dataset.from_tensors(batch)))
+  assert np.isfinite(totals["loss"].numpy())
+  assert np.isfinite(totals["grad_norm"].numpy())
+  assert np.isnan(totals["accuracy"].numpy())
+  with pytest.raises(
+    training.DivergedError,
+    match=r"diverged between steps 1 and 1: loss [\d.]+ \(query logits not "
+    r"finite\)",
+  ):
+    _loop._check_finite(totals, model, 1, 0, "run")  # pylint: disable=protected-access
+
+
+def test_a_run_refused_before_training_leaves_no_model_dir(tmp_path):
+  config = training.make_config({"data.ways": 100000})
+  model_dir = tmp_path / "new" / "run"
+  with pytest.raises(training.ConfigError, match="config.data.ways=100000"):
+    training.train(config, str(model_dir), progress=False)
+  assert not (tmp_path / "new").exists()
+  # A directory that existed before is left, as it was.
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  with pytest.raises(training.ConfigError, match="config.data.ways=100000"):
+    training.train(config, str(existing), progress=False)
+  assert existing.is_dir() and not list(existing.iterdir())
+
+
+@pytest.mark.parametrize(
+  "content, problem",
+  [
+    ('{"data": {"ways": 5,', r"is not valid JSON \(Expecting"),
+    ("[1, 2]", "must hold a JSON object of configuration fields, got an array"),
+    (b"\xff\xfe{}", r"is not valid JSON \(not UTF-8 text"),
+  ],
+)
+def test_a_damaged_config_json_is_one_clear_line(tmp_path, content, problem):
+  model_dir = tmp_path / "run"
+  model_dir.mkdir()
+  path = model_dir / "config.json"
+  if isinstance(content, bytes):
+    path.write_bytes(content)
+  else:
+    path.write_text(content)
+  with pytest.raises(
+    training.ConfigError, match=re.escape(str(path)) + " " + problem
+  ):
+    training.load_config(str(model_dir))
+  if content != '{"data": {"ways": 5,':
+    return
+  # The launcher: one line naming the file, no traceback (export_model:
+  # tests/test_export.py).
+  result = cli_helpers.run("launch.train", [f"--model_dir={model_dir}"], 120)
+  assert result.returncode != 0
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert re.search(
+    f"^error: {re.escape(str(path))} {problem}", result.stderr, re.MULTILINE
+  ), result.stderr[-3000:]
+
+
+def _training_cpu_seconds(model_dir, env):
+  """(user, system) CPU seconds of a short training on the peers' workload."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  args = (
+    [f"--model_dir={model_dir}"]
+    + list(cli_helpers.TINY_ARGS)
+    + [
+      "--config.data.queries=15",
+      "--config.data.meta_batch_size=16",
+      "--config.schedule.steps=12",
+      "--config.schedule.validate_every=0",
+      "--config.schedule.checkpoint_every=100",
+    ]
+  )
+  process = subprocess.Popen(
+    cli_helpers.command("launch.train", args),
+    cwd=cli_helpers.REPO,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+  )
+  try:
+    _, status, usage = os.wait4(process.pid, 0)
+  finally:
+    process.kill()
+  assert os.waitstatus_to_exitcode(status) == 0, process.stderr.read()[-2000:]
+  return usage.ru_utime, usage.ru_stime
+
+
+@pytest.mark.slow
+def test_system_time_stays_a_small_share_of_training(tmp_path):
+  # TensorFlow's default CPU allocator returns large buffers to the
+  # operating system every step and page-faults them back; the project
+  # chooses the BFC allocator (comln_tf/_process_defaults.py) so that a
+  # user gets arithmetic, not page faults, without setting anything.
+  env = cli_helpers.environment()
+  env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
+  user, system = _training_cpu_seconds(tmp_path / "run", env)
+  assert system <= 0.15 * user, (user, system)
