@@ -24,6 +24,7 @@ from absl import flags
 from comln_tf import evaluation
 from comln_tf import training
 from export import served_check
+import launch
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "The training run.")
 _EXPORT_DIR = flags.DEFINE_string(
@@ -57,6 +58,9 @@ flags.mark_flags_as_required(["model_dir", "export_dir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # TensorFlow's own INFO lines (one per signature and file saved) are not
+  # the user's concern; comln_tf and export log through their own loggers.
+  launch.quiet_library_logs()
   try:
     result = served_check.compare(
       _MODEL_DIR.value,

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from comln_tf import training
 from export import saved_model
+import launch
 
 _MODEL_DIR = flags.DEFINE_string(
   "model_dir", None, "The training run's directory."
@@ -75,6 +76,9 @@ flags.mark_flags_as_required(["model_dir", "export_base"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # TensorFlow's own INFO lines (one per signature and file saved) are not
+  # the user's concern; comln_tf and export log through their own loggers.
+  launch.quiet_library_logs()
   try:
     config = training.load_config(_MODEL_DIR.value)
     # Once: a live run may replace its best or old checkpoints.

@@ -47,6 +47,11 @@ def start(argv):
   """
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
+  quiet_library_logs()
+
+
+def quiet_library_logs():
+  """Keeps TensorFlow's and absl's own INFO lines out of the output."""
   for name in ("absl", "tensorflow"):
     logging.getLogger(name).setLevel("WARNING")
 

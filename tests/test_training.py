@@ -683,8 +683,12 @@ def test_a_damaged_config_json_is_one_clear_line(tmp_path, content, problem):
   ), result.stderr[-3000:]
 
 
-def _training_cpu_seconds(model_dir, env):
-  """(user, system) CPU seconds of a short training on the peers' workload."""
+def _training_usage(model_dir, env):
+  """Resource usage of a short training on the peers' workload.
+
+  5-way 1-shot, 15 queries, meta-batch 16, 6 steps: `resource.struct_rusage`
+  of the launcher's process.
+  """
   import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
 
@@ -694,7 +698,7 @@ def _training_cpu_seconds(model_dir, env):
     + [
       "--config.data.queries=15",
       "--config.data.meta_batch_size=16",
-      "--config.schedule.steps=12",
+      "--config.schedule.steps=6",
       "--config.schedule.validate_every=0",
       "--config.schedule.checkpoint_every=100",
     ]
@@ -711,16 +715,21 @@ def _training_cpu_seconds(model_dir, env):
   finally:
     process.kill()
   assert os.waitstatus_to_exitcode(status) == 0, process.stderr.read()[-2000:]
-  return usage.ru_utime, usage.ru_stime
+  return usage
 
 
 @pytest.mark.slow
 def test_system_time_stays_a_small_share_of_training(tmp_path):
   # TensorFlow's default CPU allocator returns large buffers to the
-  # operating system every step and page-faults them back; the project
-  # chooses the BFC allocator (comln_tf/_process_defaults.py) so that a
-  # user gets arithmetic, not page faults, without setting anything.
+  # operating system every step and page-faults them back: on this
+  # workload about 0.9 million minor faults per step, and system time 60-75%
+  # of user time. The project chooses the BFC allocator
+  # (comln_tf/_process_defaults.py), so that a user gets arithmetic, not
+  # page faults, without setting anything: measured 0.7 million faults in
+  # all (start-up included) and system time 5% of user time (20% with the
+  # test suite's other worker beside it).
   env = cli_helpers.environment()
   env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
-  user, system = _training_cpu_seconds(tmp_path / "run", env)
-  assert system <= 0.15 * user, (user, system)
+  usage = _training_usage(tmp_path / "run", env)
+  assert usage.ru_minflt <= 2_000_000, usage.ru_minflt
+  assert usage.ru_stime <= 0.4 * usage.ru_utime, usage
