@@ -63,6 +63,7 @@ import uuid
 import keras
 import tensorflow as tf
 
+from comln_tf import training
 from comln_tf.model import COMLN
 from export import warmup
 
@@ -616,26 +617,13 @@ def _host() -> str:
   return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
 
 
-def _process_runs(pid: int) -> bool:
-  """Whether process `pid` runs on this host."""
-  if pid <= 0:
-    return False
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True  # Someone else's process.
-  return True
-
-
 def _is_stale(path: str, host: Optional[str], pid: int, now: float) -> bool:
   """Whether the temporary folder `path` of export (host, pid) is left over.
 
   Stale: its export's process no longer runs on this host, or (another
   host's, or a pid that runs again) it is older than STALE_TEMP_SECONDS.
   """
-  if host in (None, _host()) and not _process_runs(pid):
+  if host in (None, _host()) and not training.process_runs(pid):
     return True
   try:
     modified = tf.io.gfile.stat(path).mtime_nsec / 1e9

@@ -34,6 +34,7 @@ Example:
   model, config = restore_model("runs/omniglot_5w1s", which="auto")
 """
 
+from comln_tf.training._checkpoints import process_runs
 from comln_tf.training._config import CONFIG_FILE
 from comln_tf.training._config import ConfigError
 from comln_tf.training._config import DERIVED_FIELDS
@@ -111,6 +112,7 @@ __all__ = [
   "make_train_step",
   "model_from_checkpoint",
   "prepare_run",
+  "process_runs",
   "restore_model",
   "save_config",
   "train",

@@ -260,8 +260,12 @@ def _process_start(pid: int) -> Optional[str]:
     return None
 
 
-def _alive(pid: int, start: Optional[str]) -> bool:
-  """Whether process `pid` (started at `start`, if known) still runs here."""
+def process_runs(pid: int, start: Optional[str] = None) -> bool:
+  """Whether process `pid` (started at `start`, if known) runs on this host.
+
+  The model_dir lock and the export's temporary folders use it to tell a
+  live owner from one that is gone.
+  """
   if pid <= 0:
     return False  # Not a process id (os.kill would signal a group).
   try:
@@ -377,7 +381,7 @@ class RunLock:
       pid = int(owner.get("pid", -1))
     except (TypeError, ValueError):
       return False
-    return owner.get("host") != socket.gethostname() or _alive(
+    return owner.get("host") != socket.gethostname() or process_runs(
       pid, owner.get("start")
     )
 
