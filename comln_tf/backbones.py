@@ -347,8 +347,10 @@ class _EpisodeBackbone(keras.layers.Layer):
     b, n, h, w, c = self._feature_map_shape(self._as_tasks(input_shape))
     if self.global_pool:
       d = c
+    elif h is None or w is None:
+      d = None
     else:
-      d = None if h is None or w is None else h * w * c
+      d = h * w * c
     return (n, d) if len(input_shape) == 4 else (b, n, d)
 
   def get_config(self):

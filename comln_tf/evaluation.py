@@ -6,18 +6,20 @@ come from `comln_tf.data.eval_episodes` with a fixed seed, so every run on
 every machine is evaluated on the same episodes.
 """
 
+from collections.abc import Callable, Mapping, Sequence
 import datetime
 import json
 import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, Mapping, Sequence
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from comln_tf import _validation
 from comln_tf import data
 
 # Seeds of the fixed evaluation episodes (any fixed values would do; they
@@ -49,7 +51,7 @@ class ResultNotWrittenError(OSError):
     results: the evaluation's results, to show or keep all the same.
   """
 
-  def __init__(self, message: str, results: Dict[str, Any]):
+  def __init__(self, message: str, results: dict[str, Any]):
     super().__init__(message)
     self.results = results
 
@@ -75,17 +77,22 @@ def non_finite_message(what: str, episodes: Sequence[int], total: int) -> str:
   )
 
 
-def check_ways(ways: int) -> None:
-  """Raises ValueError unless `ways` is an int >= 2.
+def check_ways(ways: int) -> int:
+  """`ways` as an int, checked to be an integer >= 2.
 
   A 1-way episode has nothing to classify: every query is right by
   construction (and COMLN's adapted classifier needs N >= 2 rows).
+
+  Raises:
+    ValueError: `ways` is not an integer >= 2; the message says why 2.
   """
-  if isinstance(ways, bool) or not isinstance(ways, int) or ways < 2:
+  try:
+    return _validation.integer("ways", ways, 2)
+  except ValueError:
     raise ValueError(
       f"ways must be an integer >= 2 (an episode needs 2 or more classes "
       f"to classify among); got {ways!r}"
-    )
+    ) from None
 
 
 class ProgressLog:
@@ -286,7 +293,7 @@ def episode_accuracies(
   return np.concatenate(results)
 
 
-def summarize(accuracies: Sequence[float]) -> Dict[str, Any]:
+def summarize(accuracies: Sequence[float] | np.ndarray) -> dict[str, Any]:
   """Mean and 95% confidence interval of per-episode accuracies.
 
   The interval is 1.96 * std / sqrt(n), with the population standard
@@ -299,11 +306,11 @@ def summarize(accuracies: Sequence[float]) -> Dict[str, Any]:
     dict: "accuracy" (mean, in [0, 1]), "ci95" (half-width of the
     interval), "episodes" (n).
   """
-  accuracies = np.asarray(accuracies, np.float64)
-  n = accuracies.size
+  values = np.asarray(accuracies, np.float64)
+  n = values.size
   return {
-    "accuracy": float(np.mean(accuracies)),
-    "ci95": float(1.96 * np.std(accuracies) / math.sqrt(n)),
+    "accuracy": float(np.mean(values)),
+    "ci95": float(1.96 * np.std(values) / math.sqrt(n)),
     "episodes": int(n),
   }
 
@@ -322,7 +329,7 @@ def evaluate(
   classifier: str = "comln",
   class_sampling: str = "uniform",
   progress: bool = True,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
   """Mean accuracy and 95% interval of `model` on fixed episodes.
 
   Args:
@@ -349,7 +356,7 @@ def evaluate(
       unknown `classifier`.
     NonFiniteLogitsError: the model gave NaN or infinite logits.
   """
-  check_ways(ways)
+  ways = check_ways(ways)
   check_classifier(classifier)
   episodes = data.eval_episodes(
     class_set,

@@ -1,20 +1,24 @@
 """Keras layer: a linear classifier adapted to each task by gradient flow."""
 
+import dataclasses
 import functools
 import math
-from typing import Optional
 
 import keras
 import tensorflow as tf
 
-from comln_tf import _adapt
-from comln_tf import _gradient_methods
-from comln_tf import _solvers
+from comln_tf import _validation
+from comln_tf import engine
 
 # Adaptation without a meta-gradient (inference, evaluation, serving): the
 # solve of s alone, the cheapest; the probe tangent of Backprop's step
 # control matters only to a gradient.
-_PLAIN_SOLVE = _gradient_methods.Backprop(tangent_control=False)
+_PLAIN_SOLVE = engine.Backprop(tangent_control=False)
+
+# The layer's arguments that are `AdaptOptions` fields, of the same names.
+_OPTION_NAMES = tuple(
+  field.name for field in dataclasses.fields(engine.AdaptOptions) if field.init
+)
 
 
 def _ways_of_labels(support_labels):
@@ -58,6 +62,44 @@ def check_finite_queries(query_embeddings):
     )
 
 
+class _Option:
+  """A read-only layer attribute: the field of its name of `layer.options`."""
+
+  def __set_name__(self, owner, name):
+    self.name = name
+
+  def __get__(self, layer, owner=None):
+    return self if layer is None else getattr(layer.options, self.name)
+
+  def __set__(self, layer, value):
+    raise AttributeError(
+      f"{self.name} is one of the layer's options, fixed at construction."
+    )
+
+
+def _check_jit_compile(method, tasks_per_solve):
+  """Raises ValueError if the adaptation cannot be compiled on its own."""
+  if method == "backprop":
+    # Its gradient runs back through the solver's while loop, whose
+    # TensorLists cannot cross the boundary of a compiled function.
+    raise ValueError(
+      'jit_compile=True needs method="forward", "discrete_adjoint", '
+      '"auto" or "adjoint": the '
+      'gradient of method="backprop" goes through the solver loop, '
+      "which cannot leave an XLA function. Compile the whole training "
+      "step instead (tf.function(jit_compile=True))."
+    )
+  if tasks_per_solve is not None:
+    # The groups are a tf.map_fn, whose gradient needs the forward loop's
+    # TensorLists: they cannot cross the boundary of a compiled function.
+    raise ValueError(
+      "jit_compile=True and tasks_per_solve cannot be combined: the "
+      "gradient of the grouped solve cannot leave an XLA function. Use "
+      "one of them, or compile the whole training step instead "
+      "(tf.function(jit_compile=True))."
+    )
+
+
 @keras.saving.register_keras_serializable(package="comln_tf")
 class GradientFlowClassifier(keras.layers.Layer):
   """Adapts W0 to each task's support set up to a learned time T.
@@ -82,92 +124,75 @@ class GradientFlowClassifier(keras.layers.Layer):
     initial_t: T at initialisation, > 0.
     train_t: whether tau = log T is trainable.
     method, solver, rtol, atol, max_steps, num_steps, tasks_per_solve:
-      passed to `adapt`. The default method "auto" is the cheapest exact
+      the `comln_tf.AdaptOptions` of the adaptation (see `comln_tf.adapt`);
+      the method by name. The default method "auto" is the cheapest exact
       one for the solver and episode shape (`comln_tf.Auto`).
     label_smoothing: epsilon of the support labels, Y = (1 - eps) onehot +
       eps / N.
     tie_init_rows: one shared initial row (see above).
     jit_compile: compile the adaptation with XLA. The ODE solve is a loop of
-      many small ops; XLA fuses them (3x faster solves for 5-way 1-shot
-      Omniglot on CPU). Not with method="backprop" nor with tasks_per_solve
-      (their gradients cannot leave an XLA function). Off by default because
-      a SavedModel with XLA functions needs a TensorFlow Serving build with
-      XLA.
+      many small ops, which XLA fuses (docs/benchmarks.md). Not with
+      method="backprop" nor with tasks_per_solve (their gradients cannot
+      leave an XLA function). Off by default because a SavedModel with XLA
+      functions needs a TensorFlow Serving build with XLA.
   """
+
+  method = _Option()
+  solver = _Option()
+  rtol = _Option()
+  atol = _Option()
+  max_steps = _Option()
+  num_steps = _Option()
+  tasks_per_solve = _Option()
 
   def __init__(
     self,
-    num_ways: Optional[int] = None,
+    num_ways: int | None = None,
     initial_t: float = 1.0,
     train_t: bool = True,
-    method: str = "auto",
-    solver: str = "dopri5",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    max_steps: int = _adapt.DEFAULT_MAX_STEPS,
-    num_steps: Optional[int] = None,
+    method: str | engine.GradientMethod = engine.AdaptOptions.method,
+    solver: str | engine.Solver = engine.AdaptOptions.solver,
+    rtol: float = engine.AdaptOptions.rtol,
+    atol: float = engine.AdaptOptions.atol,
+    max_steps: int = engine.AdaptOptions.max_steps,
+    num_steps: int | None = engine.AdaptOptions.num_steps,
     label_smoothing: float = 0.0,
     tie_init_rows: bool = False,
     jit_compile: bool = False,
-    tasks_per_solve: Optional[int] = None,
+    tasks_per_solve: int | None = engine.AdaptOptions.tasks_per_solve,
     **kwargs,
   ):
     super().__init__(**kwargs)
     if num_ways is None and not tie_init_rows:
       raise ValueError("num_ways is required unless tie_init_rows=True.")
-    if num_ways is not None and (
-      isinstance(num_ways, bool) or int(num_ways) != num_ways or num_ways < 2
-    ):
-      raise ValueError(f"num_ways must be an integer >= 2, got {num_ways!r}.")
-    if not initial_t > 0:
-      raise ValueError(f"initial_t must be > 0, got {initial_t!r}.")
-    if not 0.0 <= label_smoothing < 1.0:
-      raise ValueError(
-        f"label_smoothing must be in [0, 1), got {label_smoothing!r}."
-      )
-    if not isinstance(method, str) or method not in _gradient_methods.METHODS:
-      raise ValueError(
-        f"method must be one of "
-        f"{sorted(_gradient_methods.METHODS)}, got {method!r}."
-      )
-    self.num_ways = None if num_ways is None else int(num_ways)
-    self.initial_t = float(initial_t)
+    self.num_ways = _validation.integer("num_ways", num_ways, 2, optional=True)
+    self.initial_t = _validation.positive("initial_t", initial_t)
     self.train_t = bool(train_t)
-    self.method = method
-    self.solver = solver
-    self.rtol = float(rtol)
-    self.atol = float(atol)
-    self.max_steps = int(max_steps)
-    self.num_steps = num_steps
-    self.label_smoothing = float(label_smoothing)
+    self.label_smoothing = _validation.in_range(
+      "label_smoothing", label_smoothing, 0.0, 1.0, include_high=False
+    )
     self.tie_init_rows = bool(tie_init_rows)
     self.jit_compile = bool(jit_compile)
-    self.tasks_per_solve = tasks_per_solve
-    self._compiled_adapt = {}
-    if self.jit_compile and method == "backprop":
-      # Its gradient runs back through the solver's while loop, whose
-      # TensorLists cannot cross the boundary of a compiled function.
-      raise ValueError(
-        'jit_compile=True needs method="forward", "discrete_adjoint", '
-        '"auto" or "adjoint": the '
-        'gradient of method="backprop" goes through the solver loop, '
-        "which cannot leave an XLA function. Compile the whole training "
-        "step instead (tf.function(jit_compile=True))."
-      )
-    if self.jit_compile and tasks_per_solve is not None:
-      # The groups are a tf.map_fn, whose gradient needs the forward loop's
-      # TensorLists: they cannot cross the boundary of a compiled function.
-      raise ValueError(
-        "jit_compile=True and tasks_per_solve cannot be combined: the "
-        "gradient of the grouped solve cannot leave an XLA function. Use "
-        "one of them, or compile the whole training step instead "
-        "(tf.function(jit_compile=True))."
-      )
-    # Fail at construction, not at the first call, on a bad solver set-up
+    # A name, not a GradientMethod object: `get_config` saves it.
+    _validation.one_of("method", method, engine.METHODS)
+    if self.jit_compile:
+      _check_jit_compile(method, tasks_per_solve)
+    # Fails at construction, not at the first call, on a bad solver set-up
     # or a method the solver does not support (e.g. backprop with tfp_bdf).
-    _solvers.make_solver(solver, rtol, atol, num_steps).gradient_method_for(
-      _gradient_methods.make_method(method)
+    self.options = engine.AdaptOptions(
+      method=method,
+      solver=solver,
+      rtol=rtol,
+      atol=atol,
+      max_steps=max_steps,
+      num_steps=num_steps,
+      tasks_per_solve=tasks_per_solve,
     )
+    self._plain_options = dataclasses.replace(self.options, method=_PLAIN_SOLVE)
+    # With jit_compile: one compiled adaptation per options.
+    self._compiled_adapt: dict[
+      engine.AdaptOptions, tf.types.experimental.PolymorphicFunction
+    ] = {}
 
   def build(
     self,
@@ -217,7 +242,7 @@ class GradientFlowClassifier(keras.layers.Layer):
       # 0..N-1 present, so N <= M), or a stray label 999 would silently
       # make 1,000-way logits.
       with tf.control_dependencies(
-        _adapt.check_task_labels(support_labels, num_ways)
+        engine.check_task_labels(support_labels, num_ways)
       ):
         num_ways = tf.identity(num_ways)
     return tf.zeros(
@@ -229,10 +254,10 @@ class GradientFlowClassifier(keras.layers.Layer):
     self,
     support_embeddings: tf.Tensor,
     support_labels: tf.Tensor,
-    training: Optional[bool] = None,
-    num_ways: Optional[int] = None,
+    training: bool | None = None,
+    num_ways: int | None = None,
     return_stats: bool = False,
-    max_steps: Optional[int] = None,
+    max_steps: int | None = None,
   ):
     """Adapted weights for each task.
 
@@ -268,24 +293,16 @@ class GradientFlowClassifier(keras.layers.Layer):
         self.label_smoothing / tf.cast(num_ways, support_embeddings.dtype)
       )
       # Out-of-range labels give all-zero rows, which adapt rejects.
-    options = dict(
-      method=self.method if training else _PLAIN_SOLVE,
-      solver=self.solver,
-      rtol=self.rtol,
-      atol=self.atol,
-      max_steps=self.max_steps if max_steps is None else max_steps,
-      num_steps=self.num_steps,
-      tasks_per_solve=self.tasks_per_solve,
-      return_stats=True,
-    )
-    run = functools.partial(_adapt.adapt, **options)
+    options = self.options if training else self._plain_options
+    if max_steps is not None:
+      options = dataclasses.replace(options, max_steps=max_steps)
+    run = functools.partial(engine.adapt_with_options, options)
     if self.jit_compile:
-      # One compiled function per gradient method (training or not) and
-      # step budget.
-      key = (options["method"], options["max_steps"])
-      if key not in self._compiled_adapt:
-        self._compiled_adapt[key] = tf.function(run, jit_compile=True)
-      run = self._compiled_adapt[key]
+      # One compiled function per options (the gradient method: training
+      # or not; the step budget).
+      if options not in self._compiled_adapt:
+        self._compiled_adapt[options] = tf.function(run, jit_compile=True)
+      run = self._compiled_adapt[options]
     weights, stats = run(
       init_weights,
       support_embeddings,
@@ -304,7 +321,7 @@ class GradientFlowClassifier(keras.layers.Layer):
     support_embeddings: tf.Tensor,
     support_labels: tf.Tensor,
     query_embeddings: tf.Tensor,
-    training: Optional[bool] = None,
+    training: bool | None = None,
   ) -> tf.Tensor:
     """Query logits [B, Q, N] after adapting to each task's support set.
 
@@ -333,7 +350,7 @@ class GradientFlowClassifier(keras.layers.Layer):
       query_embeddings, dtype=support_embeddings.dtype
     )
     # Else a query batch of 1 would broadcast against any support batch.
-    checks = _adapt._check_equal_dims(  # pylint: disable=protected-access
+    checks = engine.check_equal_dims(
       "support_embeddings",
       support_embeddings,
       0,
@@ -362,15 +379,9 @@ class GradientFlowClassifier(keras.layers.Layer):
       num_ways=self.num_ways,
       initial_t=self.initial_t,
       train_t=self.train_t,
-      method=self.method,
-      solver=self.solver,
-      rtol=self.rtol,
-      atol=self.atol,
-      max_steps=self.max_steps,
-      num_steps=self.num_steps,
       label_smoothing=self.label_smoothing,
       tie_init_rows=self.tie_init_rows,
       jit_compile=self.jit_compile,
-      tasks_per_solve=self.tasks_per_solve,
+      **{name: getattr(self, name) for name in _OPTION_NAMES},
     )
     return config

@@ -1,6 +1,6 @@
 """The COMLN Keras model: a backbone and a gradient-flow classifier head."""
 
-from typing import Mapping, Optional, Tuple, Union
+from collections.abc import Mapping
 
 import keras
 import tensorflow as tf
@@ -55,7 +55,7 @@ class COMLN(keras.Model):
 
   def __init__(
     self,
-    backbone: Union[str, keras.layers.Layer],
+    backbone: str | keras.layers.Layer,
     classifier: layers.GradientFlowClassifier,
     weight_decay: float = 0.0,
     **kwargs,
@@ -119,8 +119,8 @@ class COMLN(keras.Model):
     return (logits, stats) if return_stats else logits
 
   def embed_episode(
-    self, inputs: Mapping[str, tf.Tensor], training: Optional[bool] = None
-  ) -> Tuple[tf.Tensor, tf.Tensor]:
+    self, inputs: Mapping[str, tf.Tensor], training: bool | None = None
+  ) -> tuple[tf.Tensor, tf.Tensor]:
     """Support and query embeddings of each task.
 
     Args:

@@ -1,20 +1,62 @@
-"""The library's default config, and the recipes the named configs share.
+"""The library's default config, and what the config families share.
 
-`get_config()` is `comln_tf.training.default_config()`: Omniglot 5-way
-1-shot, Conv-4, meta-gradients by the cheapest exact method ("auto"), SGD
-with Nesterov momentum. The recipes pin the method their results were
-trained with.
+`get_config()` is `comln_tf.config.default_config()`: Omniglot 5-way 1-shot,
+Conv-4, meta-gradients by the cheapest exact method ("auto"), SGD with
+Nesterov momentum. The recipes of the families pin the method their results
+were trained with.
+
+A family file (`configs/<family>.py`) names its recipes in `RECIPES` and
+returns one from `get_config(recipe)`; `--config=configs/<family>.py:<recipe>`
+trains it into `run_dir(family, recipe)`, where a continuation of it finds
+its model.
 """
 
-import types
+from collections.abc import Callable, Mapping
+import importlib
 
 import ml_collections
 
-from comln_tf import training
+from comln_tf import config as config_lib
+
+# A recipe: a function of no argument returning its config.
+Recipe = Callable[[], ml_collections.ConfigDict]
+
+RECIPES: Mapping[str | None, Recipe] = {None: config_lib.default_config}
 
 
-def get_config() -> ml_collections.ConfigDict:
-  return training.default_config()
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The default config (`--config=configs/base.py`; `arg` must be None)."""
+  return select("base", RECIPES, arg)
+
+
+def select(
+  family: str, recipes: Mapping[str | None, Recipe], arg: str | None
+) -> ml_collections.ConfigDict:
+  """The config of recipe `arg` of `recipes`, the recipes of `family`.
+
+  Args:
+    family: the name of the config file (configs/<family>.py).
+    recipes: {recipe name: recipe}; the name None is the file's config
+      without argument.
+    arg: the text after ':' in --config=configs/<family>.py:<arg>, or None.
+
+  Raises:
+    ValueError: `arg` names no recipe of `recipes`.
+  """
+  if arg not in recipes:
+    names = ", ".join(
+      f"configs/{family}.py" + ("" if name is None else f":{name}")
+      for name in recipes
+    )
+    problem = "needs a recipe" if arg is None else f"has no recipe {arg!r}"
+    raise ValueError(f"configs/{family}.py {problem}; its configs: {names}.")
+  return recipes[arg]()
+
+
+def run_dir(family: str, recipe: str | None) -> str:
+  """runs/<family>_<recipe> (runs/<family> without recipe): where the
+  results trained `--config=configs/<family>.py:<recipe>`."""
+  return f"runs/{family}" + ("" if recipe is None else f"_{recipe}")
 
 
 def omniglot_20w1s(
@@ -26,7 +68,7 @@ def omniglot_20w1s(
   meta-gradients at tolerance 1e-7, a cosine decay of the learning rate
   over the whole run, meta-gradients clipped at norm 2.
   """
-  config = get_config()
+  config = config_lib.default_config()
   config.data.dataset = dataset
   config.data.rotations = True
   config.data.ways, config.data.shots, config.data.queries = 20, 1, 5
@@ -46,7 +88,7 @@ def omniglot_5w1s(steps: int) -> ml_collections.ConfigDict:
   """The 5-way 1-shot recipe: Omniglot with rotations, tied rows of W0,
   forward meta-gradients under XLA at tolerance 1e-6, 5 queries per class,
   meta-batches of 16, for `steps` steps."""
-  config = get_config()
+  config = config_lib.default_config()
   config.data.rotations = True
   config.data.ways, config.data.shots, config.data.queries = 5, 1, 5
   config.data.meta_batch_size = 16
@@ -76,19 +118,21 @@ def mean_pool(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def continuation(
-  parent: types.ModuleType,
+  family: str,
+  parent: str,
   seed: int,
   steps: int = 600,
   learning_rate: float = 0.05,
 ) -> ml_collections.ConfigDict:
-  """The config of `parent` (a configs module) continued from its run's model.
+  """Recipe `parent` of configs/<family>.py continued from its run's model.
 
-  run.init_from is runs/<parent's name>; a new cosine schedule from
+  run.init_from is run_dir(family, parent); a new cosine schedule from
   `learning_rate` over `steps` steps, and new training episodes (`seed`);
   everything else as the parent's.
   """
-  config = parent.get_config()
-  config.run.init_from = f"runs/{parent.__name__.rpartition('.')[2]}"
+  module = importlib.import_module(f"configs.{family}")
+  config = module.get_config(parent)
+  config.run.init_from = run_dir(family, parent)
   config.run.seed = seed
   config.optim.lr_decay_steps = config.schedule.steps = steps
   config.optim.learning_rate = learning_rate

@@ -7,6 +7,8 @@ Modules:
     <export_base>/<version>/.
   warmup: representative PredictRequests (TF Serving's warmup file).
   session: an export loaded with the TF1 session loader, as TF Serving does.
+  served_check: an export's predictions against the model launch.evaluate
+    evaluates; check_served: its command line.
   benchmark: serving latency, size on disk and load time of an export.
 """
 

@@ -7,8 +7,8 @@ untimed ones) and reports p50 and p99:
   adapt alone, same support sets;
   predict alone, 75 queries (the weights of the 5-shot adaptation).
 Inputs are uniform random pixels of the export's image shape; the time is
-that of `Session.run` on numpy inputs (no network, no proto decoding), on
-CPU with TensorFlow's default thread pools.
+that of `Session.run` on numpy inputs (no network, no proto decoding),
+with TensorFlow's default thread pools.
 
 Without --export_dir, an untrained Conv-4 model for 28x28x1 images (the
 default configuration of comln_tf.training) is exported to a temporary
@@ -47,6 +47,8 @@ _OUTPUT = flags.DEFINE_string(
 
 _WAYS = 5
 _UNTIMED = 5
+# The inputs of adapt_and_predict, in the order of its callable's arguments.
+_NAMES = ("support_images", "support_labels", "query_images")
 
 
 def _untrained_export(directory):
@@ -83,6 +85,60 @@ def _latencies_ms(function, arrays, count):
   return np.array(times)
 
 
+def _case(case, function, arrays, count):
+  """Latency percentiles of `count` calls of function(*arrays), as a dict."""
+  ms = _latencies_ms(function, arrays, count)
+  return {
+    "case": case,
+    "p50_ms": float(np.percentile(ms, 50)),
+    "p99_ms": float(np.percentile(ms, 99)),
+    "mean_ms": float(ms.mean()),
+    "requests": count,
+  }
+
+
+def _callables(served):
+  """The session callables of the cases: adapt_and_predict, adapt, predict."""
+  return (
+    served.callable("serving_default", _NAMES),
+    served.callable("adapt", _NAMES[:2]),
+    served.callable("predict", ("query_images", "weights")),
+  )
+
+
+def _cases(callables, tasks, count):
+  """The timed cases (see the top): list of `_case` dicts."""
+  adapt_and_predict, adapt, predict = callables
+  cases = []
+  for shots, task in tasks.items():
+    queries = len(task["query_images"])
+    cases.append(
+      _case(
+        f"adapt_and_predict {_WAYS}-way {shots}-shot, {queries} queries",
+        adapt_and_predict,
+        [task[key] for key in _NAMES],
+        count,
+      )
+    )
+  for shots, task in tasks.items():
+    cases.append(
+      _case(
+        f"adapt {_WAYS}-way {shots}-shot",
+        adapt,
+        [task[key] for key in _NAMES[:2]],
+        count,
+      )
+    )
+  weights = adapt(*[tasks[5][key] for key in _NAMES[:2]])["weights"]
+  queries = tasks[5]["query_images"]
+  cases.append(
+    _case(
+      f"predict, {len(queries)} queries", predict, [queries, weights], count
+    )
+  )
+  return cases
+
+
 def run(export_dir, count):
   """Measures one export.
 
@@ -95,25 +151,18 @@ def run(export_dir, count):
     warmup_replay_s, and cases: list of dicts (case, p50_ms, p99_ms,
     mean_ms, requests).
   """
-  with open(
-    os.path.join(export_dir, "assets.extra", saved_model.METADATA_FILE)
-  ) as f:
-    example_shape = json.load(f)["example_shape"]
+  example_shape = saved_model.read_metadata(export_dir)["example_shape"]
   start = time.perf_counter()
   served = session.SessionModel(export_dir)
   load_s = time.perf_counter() - start
 
-  names = ("support_images", "support_labels", "query_images")
-  adapt_and_predict = served.callable("serving_default", names)
-  adapt = served.callable("adapt", names[:2])
-  predict = served.callable("predict", ("query_images", "weights"))
+  callables = _callables(served)
   tasks = {
     shots: warmup.task(example_shape, _WAYS, shots, seed=100 + shots)
     for shots in (1, 5)
   }
-  first = tasks[1]
   start = time.perf_counter()
-  adapt_and_predict(*[first[key] for key in names])
+  callables[0](*[tasks[1][key] for key in _NAMES])
   first_request_ms = 1e3 * (time.perf_counter() - start)
 
   start = time.perf_counter()
@@ -121,34 +170,7 @@ def run(export_dir, count):
     served.run(request)
   warmup_replay_s = time.perf_counter() - start
 
-  cases = []
-
-  def measure(case, function, arrays):
-    ms = _latencies_ms(function, arrays, count)
-    cases.append(
-      {
-        "case": case,
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p99_ms": float(np.percentile(ms, 99)),
-        "mean_ms": float(ms.mean()),
-        "requests": count,
-      }
-    )
-
-  for shots, task in tasks.items():
-    queries = len(task["query_images"])
-    measure(
-      f"adapt_and_predict {_WAYS}-way {shots}-shot, {queries} queries",
-      adapt_and_predict,
-      [task[key] for key in names],
-    )
-  for shots, task in tasks.items():
-    measure(
-      f"adapt {_WAYS}-way {shots}-shot", adapt, [task[key] for key in names[:2]]
-    )
-  weights = adapt(*[tasks[5][key] for key in names[:2]])["weights"]
-  queries = tasks[5]["query_images"]
-  measure(f"predict, {len(queries)} queries", predict, [queries, weights])
+  cases = _cases(callables, tasks, count)
   return {
     "export_dir": export_dir,
     "size_mb": _size_mb(export_dir),

@@ -51,18 +51,19 @@ TF Serving at load) and `assets.extra/comln_export.json` (what a client
 needs to know: ways, image shape, embedding size, T).
 """
 
+from collections.abc import Sequence
 import json
 import logging
 import os
 import re
 import socket
 import time
-from typing import Optional, Sequence
 import uuid
 
 import keras
 import tensorflow as tf
 
+from comln_tf import _validation
 from comln_tf import training
 from comln_tf.model import COMLN
 from export import warmup
@@ -78,9 +79,9 @@ SIGNATURES = (SERVING_DEFAULT, ADAPT_AND_PREDICT, ADAPT, PREDICT, EMBED)
 
 METADATA_FILE = "comln_export.json"
 
-# Most solver steps of one request's solve, fixed at export (see `export`).
-# Trained Omniglot models take 25-80 dopri5 steps per task (142-470 ODE
-# evaluations at T ~ 245), untrained ones up to ~500 at M = 95-380.
+# Most solver steps of one request's solve, fixed at export (see `export`):
+# room over what the solves of trained and untrained models take on tasks of
+# the training's sizes.
 DEFAULT_SERVING_STEPS = 2_000
 
 # Most support and query images of one request, fixed at export (see
@@ -241,69 +242,76 @@ class _Endpoints:
         shape,
         "and M =",
         num_support,
-      )
+      ),
+      *self._label_value_checks(support_labels, num_support),
+      lambda: self._assert_every_class_present(support_labels),
     ]
+    (support_labels,) = _in_order(checks, support_labels)
+    return tf.cast(support_labels, tf.int32), self._ways(support_labels)
+
+  def _label_value_checks(self, support_labels, num_support):
+    """The checks of the labels' range, before any op sized by a label."""
     low, high = tf.reduce_min(support_labels), tf.reduce_max(support_labels)
-    if self.tied:
-      # Compared in int64 before the cast: a huge label must not wrap around.
-      num_support_64 = tf.cast(num_support, tf.int64)
-      checks += [
-        lambda: _assert(
-          low >= 0,
-          "support_labels must be >= 0; got min(support_labels) =",
-          low,
-        ),
-        lambda: _assert(
-          high >= 1,
-          "support_labels must hold at least 2 classes 0..N-1; got N =",
-          high + 1,
-        ),
-        # Before the bincount below: a huge label must not allocate.
-        lambda: _assert(
-          high < num_support_64,
-          "every class 0..N-1 must appear in "
-          "support_labels, so N = max(support_labels) + 1 <= M; got "
-          "max(support_labels) =",
-          high,
-          "and M =",
-          num_support,
-        ),
-      ]
-    else:
-      checks.append(
+    if not self.tied:
+      return [
         lambda: _assert(
           (low >= 0) & (high < self.num_ways),
           f"support_labels must be in [0, {self.num_ways}); got values in",
           low,
           high,
         )
-      )
+      ]
+    # Compared in int64 before the cast: a huge label must not wrap around.
+    num_support_64 = tf.cast(num_support, tf.int64)
+    return [
+      lambda: _assert(
+        low >= 0,
+        "support_labels must be >= 0; got min(support_labels) =",
+        low,
+      ),
+      lambda: _assert(
+        high >= 1,
+        "support_labels must hold at least 2 classes 0..N-1; got N =",
+        high + 1,
+      ),
+      # Before the bincount of `_assert_every_class_present`: a huge label
+      # must not allocate.
+      lambda: _assert(
+        high < num_support_64,
+        "every class 0..N-1 must appear in "
+        "support_labels, so N = max(support_labels) + 1 <= M; got "
+        "max(support_labels) =",
+        high,
+        "and M =",
+        num_support,
+      ),
+    ]
 
-    def ways(labels):
-      # With tied rows, built from checked values only: nothing sized by N
-      # may run before the checks above have passed.
-      if self.tied:
-        return tf.cast(tf.reduce_max(labels), tf.int32) + 1
-      return self.num_ways
+  def _ways(self, labels):
+    """N: the number of ways as trained, or max(labels) + 1 with tied rows.
 
-    def every_class_present():
-      num_ways = ways(support_labels)
-      counts = tf.math.bincount(
-        tf.cast(support_labels, tf.int32),
-        minlength=num_ways,
-        maxlength=num_ways,
-      )
-      return _assert(
-        tf.reduce_all(counts > 0),
-        "every class 0..N-1 must appear in support_labels; N =",
-        num_ways,
-        "missing classes:",
-        tf.where(tf.equal(counts, 0))[:, 0],
-      )
+    With tied rows, built from checked labels only: nothing sized by N may
+    run before the checks of `_label_value_checks` have passed.
+    """
+    if self.tied:
+      return tf.cast(tf.reduce_max(labels), tf.int32) + 1
+    return self.num_ways
 
-    checks.append(every_class_present)
-    (support_labels,) = _in_order(checks, support_labels)
-    return tf.cast(support_labels, tf.int32), ways(support_labels)
+  def _assert_every_class_present(self, support_labels):
+    """The assert op that each class 0..N-1 has a support example."""
+    num_ways = self._ways(support_labels)
+    counts = tf.math.bincount(
+      tf.cast(support_labels, tf.int32),
+      minlength=num_ways,
+      maxlength=num_ways,
+    )
+    return _assert(
+      tf.reduce_all(counts > 0),
+      "every class 0..N-1 must appear in support_labels; N =",
+      num_ways,
+      "missing classes:",
+      tf.where(tf.equal(counts, 0))[:, 0],
+    )
 
   def _checked_weights(self, weights):
     """Asserts weights [N, d] as adapt returns them (finite, N as trained)."""
@@ -478,9 +486,9 @@ def export(
   export_dir: str,
   example_shape: Sequence[int],
   *,
-  ways: Optional[int] = None,
+  ways: int | None = None,
   model_name: str = "comln",
-  metadata: Optional[dict] = None,
+  metadata: dict | None = None,
   max_serving_steps: int = DEFAULT_SERVING_STEPS,
   max_serving_support: int = DEFAULT_SERVING_SUPPORT,
   max_serving_queries: int = DEFAULT_SERVING_QUERIES,
@@ -516,63 +524,109 @@ def export(
     FileExistsError: export_dir exists.
   """
   limits = {
-    "max_serving_steps": max_serving_steps,
-    "max_serving_support": max_serving_support,
-    "max_serving_queries": max_serving_queries,
+    name: _positive_integer(name, value)
+    for name, value in (
+      ("max_serving_steps", max_serving_steps),
+      ("max_serving_support", max_serving_support),
+      ("max_serving_queries", max_serving_queries),
+    )
   }
-  for name, value in limits.items():
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name} must be a positive integer, got {value!r}.")
   if tf.io.gfile.exists(export_dir):
     raise FileExistsError(f"{export_dir} already exists.")
   endpoints = _Endpoints(
     model,
     example_shape,
-    max_serving_steps,
-    max_serving_support,
-    max_serving_queries,
+    limits["max_serving_steps"],
+    limits["max_serving_support"],
+    limits["max_serving_queries"],
   )
   warmup_ways = endpoints.num_ways or ways or 5
-  _check_warmup_fits(warmup_ways, max_serving_support, max_serving_queries)
+  _check_warmup_fits(
+    warmup_ways, limits["max_serving_support"], limits["max_serving_queries"]
+  )
+  functions = _write_saved_model(endpoints, export_dir)
+  _write_warmup(
+    export_dir, endpoints, functions[ADAPT], warmup_ways, model_name
+  )
+  _write_metadata(
+    export_dir,
+    {
+      "signatures": list(SIGNATURES),
+      "example_shape": list(endpoints.example_shape),
+      "num_ways": endpoints.num_ways,
+      "tie_init_rows": endpoints.tied,
+      "embedding_size": endpoints.embedding_size,
+      "t_final": float(model.classifier.t_final.numpy()),
+      **limits,
+      **(metadata or {}),
+    },
+  )
+  return export_dir
+
+
+def _positive_integer(name, value):
+  """`value` as an int; ValueError naming `name` unless an integer >= 1."""
+  try:
+    return _validation.integer(name, value, 1)
+  except ValueError:
+    # The export's own wording of this rule, for every limit and version.
+    raise ValueError(
+      f"{name} must be a positive integer, got {value!r}."
+    ) from None
+
+
+def _write_saved_model(endpoints, export_dir):
+  """Writes the endpoints as a SavedModel; returns them by endpoint name.
+
+  Returns:
+    dict of endpoint name -> the traced function that was written.
+  """
   # No archive.track(model): the endpoints' variables are saved anyway, and
   # tracking would make TF trace the Keras model's own default signature.
   archive = keras.export.ExportArchive()
-  functions = {}
   # The first endpoint is also written as serving_default.
-  for name, signature in endpoints.input_signatures().items():
-    functions[name] = archive.add_endpoint(
+  functions = {
+    name: archive.add_endpoint(
       name, getattr(endpoints, name), input_signature=signature
     )
+    for name, signature in endpoints.input_signatures().items()
+  }
   archive.write_out(export_dir, verbose=False)
+  return functions
+
+
+def _write_warmup(export_dir, endpoints, adapt_function, ways, model_name):
+  """Writes the warmup requests, their `predict` weights by adapt_function."""
 
   def adapt(support_images, support_labels):
-    return functions[ADAPT](support_images, support_labels)["weights"].numpy()
+    return adapt_function(support_images, support_labels)["weights"].numpy()
 
   warmup.write(
     export_dir,
     warmup.requests(
-      adapt,
-      endpoints.example_shape,
-      warmup_ways,
-      endpoints.tied,
-      model_name,
+      adapt, endpoints.example_shape, ways, endpoints.tied, model_name
     ),
   )
-  info = {
-    "signatures": list(SIGNATURES),
-    "example_shape": list(endpoints.example_shape),
-    "num_ways": endpoints.num_ways,
-    "tie_init_rows": endpoints.tied,
-    "embedding_size": endpoints.embedding_size,
-    "t_final": float(model.classifier.t_final.numpy()),
-    **limits,
-    **(metadata or {}),
-  }
-  with tf.io.gfile.GFile(
-    os.path.join(export_dir, "assets.extra", METADATA_FILE), "w"
-  ) as f:
+
+
+def metadata_path(export_dir: str) -> str:
+  """The path of an export's `comln_export.json`."""
+  return os.path.join(export_dir, "assets.extra", METADATA_FILE)
+
+
+def _write_metadata(export_dir: str, info: dict) -> None:
+  with tf.io.gfile.GFile(metadata_path(export_dir), "w") as f:
     json.dump(info, f, indent=2)
-  return export_dir
+
+
+def read_metadata(export_dir: str) -> dict:
+  """The entries of an export's `comln_export.json` (see `export`).
+
+  Raises:
+    OSError: the export (or its metadata file) cannot be read.
+  """
+  with open(metadata_path(export_dir)) as f:
+    return json.load(f)
 
 
 def _check_warmup_fits(ways, max_support, max_queries):
@@ -600,8 +654,8 @@ def next_version(export_base: str) -> int:
   return max(versions, default=0) + 1
 
 
-# Temporary folders of exports: `.tmp-export-<host>-<pid>-<32 hex digits>`
-# (`.tmp-export-<pid>-<hex>` before the host was part of the name).
+# Temporary folders of exports: `.tmp-export-<host>-<pid>-<32 hex digits>`;
+# a name without the host (`.tmp-export-<pid>-<hex>`) counts as this host's.
 _TEMP_PREFIX = ".tmp-export-"
 _TEMP_NAME = re.compile(
   r"^\.tmp-export-(?:(?P<host>.+)-)?(?P<pid>\d+)-[0-9a-f]{32}$"
@@ -617,7 +671,7 @@ def _host() -> str:
   return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
 
 
-def _is_stale(path: str, host: Optional[str], pid: int, now: float) -> bool:
+def _is_stale(path: str, host: str | None, pid: int, now: float) -> bool:
   """Whether the temporary folder `path` of export (host, pid) is left over.
 
   Stale: its export's process no longer runs on this host, or (another
@@ -697,7 +751,7 @@ def export_version(
   model: COMLN,
   export_base: str,
   example_shape: Sequence[int],
-  version: Optional[int] = None,
+  version: int | None = None,
   **kwargs,
 ) -> str:
   """Exports to `<export_base>/<version>/`, as TF Serving expects.
@@ -726,13 +780,11 @@ def export_version(
     FileExistsError: `version` is given and its folder exists.
     NotADirectoryError: export_base is a file.
   """
-  if version is not None and (
-    isinstance(version, bool) or int(version) != version or version < 1
-  ):
-    raise ValueError(f"version must be a positive integer, got {version!r}.")
+  if version is not None:
+    version = _positive_integer("version", version)
   _check_export_base(export_base)
   if version is not None:
-    final_dir = os.path.join(export_base, str(int(version)))
+    final_dir = os.path.join(export_base, str(version))
     if tf.io.gfile.exists(final_dir):
       raise FileExistsError(f"Version folder {final_dir} already exists.")
   tf.io.gfile.makedirs(export_base)

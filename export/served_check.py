@@ -6,10 +6,7 @@ run, same default checkpoint) on the fixed test episodes of the evaluation
 protocol. `export.check_served` is its command line.
 """
 
-import json
 import logging
-import os
-from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -32,9 +29,9 @@ def compare(
   *,
   which: str = "auto",
   num_episodes: int = 1000,
-  ways: Optional[int] = None,
-  shots: Optional[int] = None,
-  queries: Optional[int] = None,
+  ways: int | None = None,
+  shots: int | None = None,
+  queries: int | None = None,
   seed: int = evaluation.TEST_SEED,
   progress: bool = True,
 ) -> dict:
@@ -70,48 +67,20 @@ def compare(
   log = _LOG.info if progress else _LOG.debug
   log("Restoring launch.evaluate's model from %s.", model_dir)
   model, config, path, _, step = training.evaluation_model(model_dir, which)
-  with open(
-    os.path.join(export_dir, "assets.extra", saved_model.METADATA_FILE)
-  ) as f:
-    metadata = json.load(f)
-  ways = config.data.ways if ways is None else ways
-  shots = config.data.shots if shots is None else shots
-  queries = config.data.queries if queries is None else queries
-  class_set = training.load_splits(config).test
-  training.check_episodes(
-    class_set, ways, shots, queries, config.data.class_sampling
-  )
-  episodes = data.eval_episodes(
-    class_set,
-    ways=ways,
-    shots=shots,
-    queries=queries,
-    seed=seed,
-    num_episodes=num_episodes,
-    class_sampling=config.data.class_sampling,
-  )
+  metadata = saved_model.read_metadata(export_dir)
+  episodes = _test_episodes(config, ways, shots, queries, seed, num_episodes)
   log("Loading the export %s.", export_dir)
   serve = tf.saved_model.load(export_dir).signatures[
     saved_model.ADAPT_AND_PREDICT
   ]
   log("Comparing the two on %d test episodes.", num_episodes)
-  progress_log = evaluation.ProgressLog(
-    "Served check", num_episodes, enabled=progress
+  served, evaluated, margins, labels = _classify(
+    model,
+    serve,
+    episodes.batch(config.data.meta_batch_size),
+    num_episodes,
+    progress,
   )
-  served, evaluated, margins, labels = [], [], [], []
-  for batch in episodes.batch(config.data.meta_batch_size):
-    logits = model(batch, training=False).numpy()
-    done = len(served)
-    _check_finite("launch.evaluate's model", logits, done, num_episodes)
-    evaluated.append(logits.argmax(-1))
-    top2 = np.sort(logits, axis=-1)[..., -2:]
-    margins.append(top2[..., 1] - top2[..., 0])
-    labels.append(batch["query_labels"].numpy())
-    for i in range(logits.shape[0]):
-      served.append(_serve_task(serve, batch, i, done + i, num_episodes))
-    progress_log.update(np.mean(np.stack(served[done:]) == labels[-1], axis=1))
-  served, evaluated = np.stack(served), np.concatenate(evaluated)
-  margins, labels = np.concatenate(margins), np.concatenate(labels)
   differ = served != evaluated
   return {
     "checkpoint": path,
@@ -127,6 +96,79 @@ def compare(
     "disagreements": int(differ.sum()),
     "ties": int((differ & (margins < TIE_MARGIN)).sum()),
   }
+
+
+def _test_episodes(config, ways, shots, queries, seed, num_episodes):
+  """The fixed test episodes of the run's test classes, checked to fit.
+
+  Args:
+    config: the run's configuration.
+    ways, shots, queries: the episodes' shape (None: the run's).
+    seed, num_episodes: which episodes.
+
+  Returns:
+    tf.data.Dataset of single episodes, as `data.eval_episodes`.
+
+  Raises:
+    training.ConfigError: the test classes do not fit the episodes.
+  """
+  ways = config.data.ways if ways is None else ways
+  shots = config.data.shots if shots is None else shots
+  queries = config.data.queries if queries is None else queries
+  class_set = training.load_splits(config).test
+  training.check_episodes(
+    class_set, ways, shots, queries, config.data.class_sampling
+  )
+  return data.eval_episodes(
+    class_set,
+    ways=ways,
+    shots=shots,
+    queries=queries,
+    seed=seed,
+    num_episodes=num_episodes,
+    class_sampling=config.data.class_sampling,
+  )
+
+
+def _classify(model, serve, batches, num_episodes, progress):
+  """The classes of the queries of every episode, by both models.
+
+  Args:
+    model: launch.evaluate's Keras model.
+    serve: the export's adapt_and_predict signature.
+    batches: tf.data.Dataset of batches of episodes.
+    num_episodes: the number of episodes in all.
+    progress: whether to log progress lines.
+
+  Returns:
+    (served, evaluated, margins, labels): int64 classes [episodes, N*q] of
+    the export and of the Keras model, float top-2 logit margins of the
+    Keras model and the true labels, of the same shape.
+
+  Raises:
+    evaluation.NonFiniteLogitsError: either model gave non-finite logits.
+  """
+  progress_log = evaluation.ProgressLog(
+    "Served check", num_episodes, enabled=progress
+  )
+  served, evaluated, margins, labels = [], [], [], []
+  for batch in batches:
+    logits = model(batch, training=False).numpy()
+    done = len(served)
+    _check_finite("launch.evaluate's model", logits, done, num_episodes)
+    evaluated.append(logits.argmax(-1))
+    top2 = np.sort(logits, axis=-1)[..., -2:]
+    margins.append(top2[..., 1] - top2[..., 0])
+    labels.append(batch["query_labels"].numpy())
+    for i in range(logits.shape[0]):
+      served.append(_serve_task(serve, batch, i, done + i, num_episodes))
+    progress_log.update(np.mean(np.stack(served[done:]) == labels[-1], axis=1))
+  return (
+    np.stack(served),
+    np.concatenate(evaluated),
+    np.concatenate(margins),
+    np.concatenate(labels),
+  )
 
 
 def _serve_task(serve, batch, i, episode, num_episodes):

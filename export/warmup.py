@@ -7,8 +7,8 @@ here are also the benchmark's: N-way 1-shot and 5-shot tasks with 15 queries
 per class (75 for 5 ways).
 """
 
+from collections.abc import Callable, Sequence
 import os
-from typing import Callable, List, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -61,7 +61,7 @@ def requests(
   ways: int,
   tied: bool,
   model_name: str = "comln",
-) -> List[predict_pb2.PredictRequest]:
+) -> list[predict_pb2.PredictRequest]:
   """One request per signature for each representative task.
 
   Tasks: `ways`-way 1-shot and 5-shot, plus 3-way 1-shot for a tied-rows
@@ -114,7 +114,7 @@ def write(export_dir: str, warmup_requests) -> None:
       )
 
 
-def read(export_dir: str) -> List[predict_pb2.PredictRequest]:
+def read(export_dir: str) -> list[predict_pb2.PredictRequest]:
   """The PredictRequests of an export's warmup file, in order."""
   return [
     prediction_log_pb2.PredictionLog.FromString(

@@ -1,7 +1,7 @@
 """The machine's own reference for timings: its float32 matmul peak.
 
-Machines of one kind differ in speed by up to 3x, so a benchmark reports
-its times beside this figure, measured in the same process.
+Machines of one kind differ in speed, so a benchmark reports its times
+beside this figure, measured in the same process.
 """
 
 import time

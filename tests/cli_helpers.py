@@ -32,6 +32,24 @@ TINY_ARGS = (
 )
 
 
+def tiny_run_args(model_dir, steps, *extra):
+  """Arguments of launch.train for a tiny run of `steps` steps in model_dir.
+
+  A log line every step, no validation, seed 3; `extra` arguments last.
+  """
+  return (
+    (f"--model_dir={model_dir}",)
+    + TINY_ARGS
+    + (
+      f"--config.schedule.steps={steps}",
+      "--config.schedule.log_every=1",
+      "--config.schedule.validate_every=0",
+      "--config.run.seed=3",
+    )
+    + tuple(extra)
+  )
+
+
 def environment(**extra):
   """The environment of a launcher: the test's, plus `extra` (str values)."""
   env = dict(os.environ)
@@ -72,16 +90,18 @@ class Processes:
 
   def start(self, name, module, args, env=None):
     """Starts `python -m module args`; output goes to log_dir/<name>.log."""
-    log = open(self._log_dir / f"{name}.log", "w")
-    process = subprocess.Popen(
-      command(module, args),
-      cwd=REPO,
-      env=env or environment(),
-      stdout=log,
-      stderr=subprocess.STDOUT,
-    )
-    process.log_path = log.name
-    self._started.append((process, log))
+    log_path = self._log_dir / f"{name}.log"
+    # The child writes into its own copy of the file descriptor.
+    with open(log_path, "w") as log:
+      process = subprocess.Popen(
+        command(module, args),
+        cwd=REPO,
+        env=env or environment(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+      )
+    process.log_path = str(log_path)
+    self._started.append(process)
     return process
 
   @staticmethod
@@ -105,11 +125,10 @@ class Processes:
       ) from None
 
   def kill_all(self):
-    for process, log in self._started:
+    for process in self._started:
       if process.poll() is None:
         process.send_signal(signal.SIGKILL)
         process.wait()
-      log.close()
 
 
 def latest_step(model_dir):

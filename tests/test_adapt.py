@@ -17,8 +17,7 @@ import tensorflow as tf
 
 import cli_helpers
 import comln_tf
-from comln_tf import _reduced
-from comln_tf import _solvers
+from comln_tf.engine import _reduced
 from launch import workloads
 from references import TIGHT
 from references import TIGHTEST
@@ -210,7 +209,7 @@ def test_dopri5_from_a_zero_state_is_accurate_without_a_slow_start(
 ):
   # dy/dt = 1 - y from y = 0: y(1) = 1 - 1/e. Hairer's rule would start
   # at 1e-4 and need 7 and 13 steps; the first step from h1 is accepted.
-  solver = _solvers.Dopri5(rtol=tolerance, atol=tolerance)
+  solver = comln_tf.Dopri5(rtol=tolerance, atol=tolerance)
   y, stats = solver.integrate(
     lambda y: 1.0 - y,
     tf.zeros([2, 3], tf.float64),
@@ -376,98 +375,6 @@ def test_float32_matches_float64(problem):
   np.testing.assert_allclose(weights32.numpy(), weights64.numpy(), atol=1e-3)
 
 
-def test_layer_matches_engine_and_serializes():
-  problem = make_problem(seed=8)
-  layer = comln_tf.layers.GradientFlowClassifier(
-    3, initial_t=1.3, rtol=1e-10, atol=1e-10, dtype="float64"
-  )
-  logits = layer(
-    problem["support"], problem["labels"], problem["queries"], training=True
-  )
-  weights = w_space_solution(
-    layer.init_weights.numpy(), problem["support"][0], problem["labels"][0], 1.3
-  )
-  np.testing.assert_allclose(
-    logits[0].numpy(), problem["queries"][0] @ weights.T, atol=1e-8
-  )
-  clone = comln_tf.layers.GradientFlowClassifier.from_config(layer.get_config())
-  clone.build(problem["support"].shape)
-  clone.set_weights(layer.get_weights())
-  np.testing.assert_allclose(
-    clone(problem["support"], problem["labels"], problem["queries"]).numpy(),
-    logits.numpy(),
-    atol=1e-8,
-  )
-
-
-# ---------------------------------------------------------------- bad input.
-
-
-def _bad_input_cases():
-  problem = make_problem()
-  good = dict(
-    init_weights=problem["init_weights"],
-    support_embeddings=problem["support"],
-    support_labels=problem["labels"],
-    t_final=1.0,
-  )
-  nan_support = problem["support"].copy()
-  nan_support[0, 0, 0] = np.nan
-  out_of_range = problem["labels"].copy()
-  out_of_range[1, 2] = 3
-  return [
-    (
-      "M",
-      dict(good, support_labels=problem["labels"][:, :5]),
-      "number of support examples M",
-    ),
-    (
-      "d",
-      dict(good, init_weights=problem["init_weights"][:, :4]),
-      "embedding size d",
-    ),
-    (
-      "labels",
-      dict(good, support_labels=out_of_range),
-      "support_labels must lie in [0, N)",
-    ),
-    (
-      "negative labels",
-      dict(good, support_labels=-problem["labels"] - 1),
-      "support_labels must lie in [0, N)",
-    ),
-    (
-      "finite",
-      dict(good, support_embeddings=nan_support),
-      "support_embeddings and init_weights must be finite",
-    ),
-    ("time", dict(good, t_final=0.0), "t_final must be finite and > 0"),
-    (
-      "negative time",
-      dict(good, t_final=-2.0),
-      "t_final must be finite and > 0",
-    ),
-  ]
-
-
-@pytest.mark.parametrize("case", _bad_input_cases(), ids=lambda c: c[0])
-@pytest.mark.parametrize("mode", ["eager", "function"])
-def test_bad_input_names_the_argument(case, mode):
-  _, kwargs, message = case
-  run = (
-    comln_tf.adapt
-    if mode == "eager"
-    else tf.function(lambda **kw: comln_tf.adapt(**kw))
-  )
-  if mode == "function":
-    kwargs = {k: tf.constant(v) for k, v in kwargs.items()}
-  with pytest.raises(
-    (ValueError, tf.errors.InvalidArgumentError),
-    match=message.replace("[", r"\[").replace(")", r"\)"),
-  ):
-    run(**kwargs)
-
-
 @pytest.mark.parametrize("mode", ["eager", "function"])
 def test_max_steps_exceeded_raises(problem, mode):
   run = comln_tf.adapt if mode == "eager" else tf.function(comln_tf.adapt)
@@ -496,62 +403,6 @@ def test_max_steps_exceeded_under_xla_is_nan_not_silent(problem):
     jit_compile=True,
   )
   assert np.all(np.isnan(run().numpy()))
-
-
-@pytest.mark.parametrize(
-  "kwargs, message",
-  [
-    (dict(method="newton"), "method must be one of"),
-    (dict(solver="midpoint"), "solver must be one of"),
-    (dict(solver="rk4"), "num_steps must be a positive integer"),
-    (dict(solver="euler", num_steps=0), "num_steps must be a positive integer"),
-    (dict(rtol=0.0), "rtol must be > 0"),
-    (dict(max_steps=0), "max_steps must be a positive integer"),
-    (dict(tasks_per_solve=0), "tasks_per_solve must be None or a positive"),
-  ],
-)
-def test_bad_options_name_the_option(problem, kwargs, message):
-  with pytest.raises(ValueError, match=message):
-    comln_tf.adapt(
-      problem["init_weights"],
-      problem["support"],
-      problem["labels"],
-      1.0,
-      **kwargs,
-    )
-
-
-def test_bad_dtype_and_rank(problem):
-  with pytest.raises(TypeError, match="support_embeddings must have the dtype"):
-    comln_tf.adapt(
-      problem["init_weights"],
-      problem["support"].astype(np.float32),
-      problem["labels"],
-      1.0,
-    )
-  with pytest.raises(
-    ValueError, match=r"init_weights must have shape \[N, d\]"
-  ):
-    comln_tf.adapt(
-      problem["init_weights"][0], problem["support"], problem["labels"], 1.0
-    )
-  with pytest.raises(ValueError, match="t_final must be a scalar"):
-    comln_tf.adapt(
-      problem["init_weights"], problem["support"], problem["labels"], [1.0, 2.0]
-    )
-
-
-def test_layer_refuses_jit_compile_with_backprop():
-  with pytest.raises(
-    ValueError, match='jit_compile=True needs method="forward"'
-  ):
-    comln_tf.layers.GradientFlowClassifier(
-      3, method="backprop", jit_compile=True
-    )
-  with pytest.raises(ValueError, match="jit_compile=True and tasks_per_solve"):
-    comln_tf.layers.GradientFlowClassifier(
-      3, tasks_per_solve=2, jit_compile=True
-    )
 
 
 # Peak memory of eager meta-gradients at time T, in a fresh process (the CPU
@@ -598,27 +449,3 @@ def test_eager_memory_does_not_grow_with_time(method):
   # apart from T = 30 to 3,000).
   short, long = (_eager_peak_bytes(method, t) for t in (30.0, 300.0))
   assert long <= short + 7 * 105_000 // 2, (short, long)
-
-
-def test_layer_jit_compile_gives_the_same_gradients():
-  problem = make_problem(seed=9)
-  results = []
-  for jit_compile in (False, True):
-    layer = comln_tf.layers.GradientFlowClassifier(
-      3, dtype="float64", jit_compile=jit_compile
-    )
-    layer.build(problem["support"].shape)
-    if results:
-      layer.set_weights(results[0][2])
-    with tf.GradientTape() as tape:
-      logits = layer(
-        problem["support"], problem["labels"], problem["queries"], training=True
-      )
-      loss = tf.reduce_sum(tf.sin(logits))
-    grads = tape.gradient(loss, layer.trainable_variables)
-    results.append(
-      (logits.numpy(), [g.numpy() for g in grads], layer.get_weights())
-    )
-  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-10)
-  for a, b in zip(results[0][1], results[1][1]):
-    np.testing.assert_allclose(a, b, rtol=1e-9)

@@ -30,7 +30,7 @@ def _problem(scale):
   return np.zeros((WAYS, SIZE)), embeddings, labels
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _radau_weights(scale, t_final):
   """W(T) of dW/dt = -(1/M) (softmax(X W^T) - Y)^T X by Radau, float64."""
   init_weights, embeddings, labels = _problem(scale)
@@ -64,7 +64,7 @@ def _radau_weights(scale, t_final):
   return solution.y[:, -1].reshape(WAYS, SIZE)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _adapt_function(mode, dtype, **options):
   """adapt(W0, X, labels, T) eagerly, or traced once for every scale and T."""
 

@@ -15,7 +15,6 @@ import pytest
 import tensorflow as tf
 
 import comln_tf
-from comln_tf import _discrete_adjoint
 from references import TIGHT
 from references import assert_gradients_match_finite_differences
 from references import engine_loss_and_gradients
@@ -232,8 +231,5 @@ def test_default_slots_follow_the_episode_size():
   assert method.num_slots(100, 20, tf.float32) == 32
   assert method.num_slots(None, 20, tf.float32) == 32
   assert (
-    _discrete_adjoint.DiscreteAdjoint(checkpoints=6).num_slots(
-      100, 20, tf.float32
-    )
-    == 6
+    comln_tf.DiscreteAdjoint(checkpoints=6).num_slots(100, 20, tf.float32) == 6
   )

@@ -236,31 +236,6 @@ _DYNAMIC_SPEC = [
 ]
 
 
-def test_tied_rows_with_no_task_give_an_empty_result():
-  # B = 0 tasks: an empty result, as the engine and a per-class layer give.
-  support = np.zeros((0, 5, 8), np.float32)
-  labels = np.zeros((0, 5), np.int32)
-  queries = np.zeros((0, 3, 8), np.float32)
-  per_class = GradientFlowClassifier(WAYS)
-  per_class.build(support.shape)
-  expected = per_class(support, labels, queries)
-  assert expected.shape == (0, 3, WAYS)
-  tied = GradientFlowClassifier(tie_init_rows=True)
-  tied.build(support.shape)
-  graph = tf.function(tied.__call__, input_signature=_DYNAMIC_SPEC)
-  for call in (tied, graph):
-    logits = call(support, labels, queries)
-    assert logits.shape[:2] == (0, 3) and tf.size(logits) == 0
-  # One task still needs its labels to be a task.
-  rng = np.random.default_rng(0)
-  with pytest.raises(tf.errors.InvalidArgumentError, match="every class"):
-    tied(
-      rng.normal(size=(1, 5, 8)).astype(np.float32),
-      np.array([[0, 1, 3, 3, 1]], np.int32),
-      rng.normal(size=(1, 3, 8)).astype(np.float32),
-    )
-
-
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 def test_non_finite_query_embeddings_are_refused(value):
   rng = np.random.default_rng(0)

@@ -2,7 +2,7 @@
 
 import dataclasses
 import functools
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -34,7 +34,7 @@ class ClassSet:
   class_names: tuple = dataclasses.field(repr=False)
   dataset: str
   split: str
-  groups: Optional[tuple] = dataclasses.field(default=None, repr=False)
+  groups: tuple | None = dataclasses.field(default=None, repr=False)
 
   def __post_init__(self):
     if self.images.dtype not in (np.uint8, np.float32):

@@ -10,11 +10,11 @@ shared random state.
 import dataclasses
 import logging
 import math
-from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
+from comln_tf import _validation
 from comln_tf.data._classes import ClassSet
 
 # A fixed algorithm: "auto_select" may pick a different one per device, and
@@ -58,14 +58,12 @@ class AffineDistortion:
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float, np.floating))
-        or not 0 <= value < math.inf
-      ):
+      try:
+        _validation.in_range(field.name, value, 0, math.inf, include_high=False)
+      except ValueError:
         raise ValueError(
           f"{field.name} must be a finite number >= 0, got {value!r}"
-        )
+        ) from None
     if self.scale >= 1:
       raise ValueError(
         f"scale must be < 1 (images scaled by 1 +- scale), got {self.scale!r}"
@@ -143,23 +141,13 @@ def _random_affine_parameters(key, count, distortion):
   return ones + u * limits
 
 
-def check_int(name, value, minimum):
-  """Raises ValueError unless `value` is an integer >= `minimum`."""
-  if (
-    isinstance(value, bool)
-    or not isinstance(value, (int, np.integer))
-    or value < minimum
-  ):
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def check_episode_args(
   class_set: ClassSet,
   ways: int,
   shots: int,
   queries: int,
   class_sampling: str = "uniform",
-) -> None:
+) -> tuple[int, int, int]:
   """Checks that `class_set` can make `ways`-way episodes.
 
   Args:
@@ -169,20 +157,20 @@ def check_episode_args(
       queries: query examples per class (q).
       class_sampling: one of CLASS_SAMPLING.
 
+  Returns:
+      (ways, shots, queries) as Python ints.
+
   Raises:
       ValueError: if an argument is not a positive integer, if `ways` is
           larger than the number of classes (with "within_alphabet": than
           the classes of every group), or if `shots + queries` is larger
           than the number of examples of some class.
   """
-  for name, value in (("ways", ways), ("shots", shots), ("queries", queries)):
-    check_int(name, value, 1)
-  if class_sampling not in CLASS_SAMPLING:
-    raise ValueError(
-      f"class_sampling must be one of "
-      f"{', '.join(CLASS_SAMPLING)}, got "
-      f"{class_sampling!r}"
-    )
+  ways, shots, queries = (
+    _validation.integer(name, value, 1)
+    for name, value in (("ways", ways), ("shots", shots), ("queries", queries))
+  )
+  _validation.one_of("class_sampling", class_sampling, CLASS_SAMPLING)
   where = f"split '{class_set.split}' of dataset '{class_set.dataset}'"
   if ways > class_set.num_classes:
     raise ValueError(
@@ -190,16 +178,7 @@ def check_episode_args(
       f"of {where}"
     )
   if class_sampling == "within_alphabet":
-    groups, _ = class_set.group_ids(min_classes=ways)
-    if not groups:
-      largest = max(
-        np.unique(np.asarray(class_set.groups), return_counts=True)[1]
-      )
-      raise ValueError(
-        f"class_sampling='within_alphabet' with ways={ways}: no "
-        f"alphabet of {where} has {ways} classes (the largest has "
-        f"{largest})"
-      )
+    _check_some_group_has(class_set, ways, where)
   counts = class_set.counts
   smallest = int(np.argmin(counts))
   if shots + queries > counts[smallest]:
@@ -208,124 +187,190 @@ def check_episode_args(
       f"larger than the {counts[smallest]} examples of class "
       f"'{class_set.class_names[smallest]}' in {where}"
     )
+  return ways, shots, queries
 
 
-def _episode_fn(
-  class_set,
-  ways,
-  shots,
-  queries,
-  seed,
-  rotate_classes=False,
-  class_sampling="uniform",
-  distortion=None,
-):
-  """Returns `episode(index)`: int64 index -> one unbatched episode dict."""
-  images, offsets, counts = class_set.tensors
-  num_classes = class_set.num_classes
-  class_group = None
-  if class_sampling == "within_alphabet":
-    groups, class_group = class_set.group_ids(min_classes=ways)
-    skipped = sorted(set(class_set.groups) - set(groups))
-    if skipped:
-      logging.info(
-        "Within-alphabet %d-way episodes of split '%s' skip %d "
-        "alphabets with fewer than %d classes: %s",
-        ways,
-        class_set.split,
-        len(skipped),
-        ways,
-        ", ".join(skipped),
-      )
-    num_groups = len(groups)
-    class_group = tf.constant(class_group)
-  if distortion is not None and not distortion.active:
-    distortion = None
-  max_count = int(np.max(class_set.counts))
-  example_shape = list(class_set.example_shape)
-  positions = tf.range(max_count, dtype=tf.int64)
-  seed = tf.constant(seed, tf.int64)
-  # Class-major order: label n's examples are rows n*shots .. n*shots+shots-1.
-  support_labels = tf.repeat(tf.range(ways, dtype=tf.int32), shots)
-  query_labels = tf.repeat(tf.range(ways, dtype=tf.int32), queries)
-
-  def to_float(examples):
-    if examples.dtype == tf.uint8:
-      return tf.cast(examples, tf.float32) / 255.0
-    return examples
-
-  def episode(index):
-    class_key, example_key = tf.unstack(
-      tf.random.split(tf.stack([seed, index]), 2, alg=_RNG_ALG)
+def _check_some_group_has(class_set, ways, where):
+  """Raises ValueError unless a group (alphabet) has `ways` classes."""
+  groups, _ = class_set.group_ids(min_classes=ways)
+  if not groups:
+    largest = max(
+      np.unique(np.asarray(class_set.groups), return_counts=True)[1]
     )
+    raise ValueError(
+      f"class_sampling='within_alphabet' with ways={ways}: no "
+      f"alphabet of {where} has {ways} classes (the largest has "
+      f"{largest})"
+    )
+
+
+def _qualifying_groups(class_set, ways):
+  """(number of groups with `ways` classes, int32 [C] group of each class).
+
+  Logs the groups (alphabets) skipped for having fewer classes. A class
+  of a skipped group has a group id outside [0, number of groups).
+  """
+  groups, class_group = class_set.group_ids(min_classes=ways)
+  skipped = sorted(set(class_set.groups) - set(groups))
+  if skipped:
+    logging.info(
+      "Within-alphabet %d-way episodes of split '%s' skip %d "
+      "alphabets with fewer than %d classes: %s",
+      ways,
+      class_set.split,
+      len(skipped),
+      ways,
+      ", ".join(skipped),
+    )
+  return len(groups), tf.constant(class_group)
+
+
+def _to_float(examples):
+  """uint8 images -> float32 in [0, 1]; other examples as they are."""
+  if examples.dtype == tf.uint8:
+    return tf.cast(examples, tf.float32) / 255.0
+  return examples
+
+
+class _EpisodeDrawer:
+  """`drawer(index)`: int64 index -> one unbatched episode dict.
+
+  Episode `index` of the stream with `seed` is drawn with stateless random
+  ops keyed by [seed, index] (see the module docstring).
+  """
+
+  def __init__(
+    self,
+    class_set,
+    ways,
+    shots,
+    queries,
+    seed,
+    rotate_classes=False,
+    class_sampling="uniform",
+    distortion=None,
+  ):
+    self._images, self._offsets, self._counts = class_set.tensors
+    self._num_classes = class_set.num_classes
+    self._ways, self._shots, self._queries = ways, shots, queries
+    self._rotate_classes = rotate_classes
+    self._class_group = None
+    if class_sampling == "within_alphabet":
+      self._num_groups, self._class_group = _qualifying_groups(class_set, ways)
+    if distortion is not None and not distortion.active:
+      distortion = None
+    self._distortion = distortion
+    self._example_shape = list(class_set.example_shape)
+    self._max_count = int(np.max(class_set.counts))
+    self._positions = tf.range(self._max_count, dtype=tf.int64)
+    self._seed = tf.constant(seed, tf.int64)
+    # Class-major: label n's examples are rows n*shots .. n*shots+shots-1.
+    self._support_labels = tf.repeat(tf.range(ways, dtype=tf.int32), shots)
+    self._query_labels = tf.repeat(tf.range(ways, dtype=tf.int32), queries)
+
+  def __call__(self, index):
+    class_key, example_key = tf.unstack(
+      tf.random.split(tf.stack([self._seed, index]), 2, alg=_RNG_ALG)
+    )
+    classes = self._classes(class_key)
+    examples = self._examples(classes, example_key)
+    if self._rotate_classes:
+      examples = self._rotated(examples, class_key)
+    shots, shape = self._shots, self._example_shape
+    support = _to_float(tf.reshape(examples[:, :shots], [-1, *shape]))
+    query = _to_float(tf.reshape(examples[:, shots:], [-1, *shape]))
+    if self._distortion is not None:
+      support, query = self._distorted(support, query, example_key)
+    return {
+      "support_images": support,
+      "support_labels": self._support_labels,
+      "query_images": query,
+      "query_labels": self._query_labels,
+    }
+
+  def _classes(self, class_key):
+    """int32 [ways]: the class given label n, for each n."""
     # The `ways` largest of i.i.d. uniform noise are a uniformly random
     # ordered subset of the classes, so giving label n to the n-th one is
     # a random class -> label assignment.
     class_noise = tf.random.stateless_uniform(
-      [num_classes], class_key, alg=_RNG_ALG
+      [self._num_classes], class_key, alg=_RNG_ALG
     )
-    if class_group is not None:
+    if self._class_group is not None:
       # One group, uniformly among those with `ways` classes; the
       # classes of other groups get noise -1 and are never picked.
       group_key = tf.random.experimental.stateless_fold_in(
         class_key, _GROUP_FOLD, alg=_RNG_ALG
       )
       group = tf.random.stateless_uniform(
-        [], group_key, minval=0, maxval=num_groups, dtype=tf.int32, alg=_RNG_ALG
+        [],
+        group_key,
+        minval=0,
+        maxval=self._num_groups,
+        dtype=tf.int32,
+        alg=_RNG_ALG,
       )
-      class_noise = tf.where(tf.equal(class_group, group), class_noise, -1.0)
-    classes = tf.math.top_k(class_noise, ways).indices
+      class_noise = tf.where(
+        tf.equal(self._class_group, group), class_noise, -1.0
+      )
+    return tf.math.top_k(class_noise, self._ways).indices
+
+  def _examples(self, classes, example_key):
+    """[ways, shots + queries, *example_shape]: distinct examples per class."""
     # The same trick picks shots + queries distinct examples per class;
     # positions past a class's example count get noise -1 so they are
     # never among the largest (check_episode_args ensures enough remain).
     noise = tf.random.stateless_uniform(
-      [ways, max_count], example_key, alg=_RNG_ALG
+      [self._ways, self._max_count], example_key, alg=_RNG_ALG
     )
-    valid = positions[None, :] < tf.gather(counts, classes)[:, None]
+    valid = self._positions[None, :] < tf.gather(self._counts, classes)[:, None]
     noise = tf.where(valid, noise, -1.0)
-    picks = tf.cast(tf.math.top_k(noise, shots + queries).indices, tf.int64)
-    picks += tf.gather(offsets, classes)[:, None]
-    examples = tf.gather(images, picks)  # [ways, shots + queries, ...]
-    if rotate_classes:
-      # Its own key, folded from the class key, so that the classes
-      # and examples drawn are those of the unrotated episode.
-      rotation_key = tf.random.experimental.stateless_fold_in(
-        class_key, 1, alg=_RNG_ALG
-      )
-      turns = tf.random.stateless_uniform(
-        [ways], rotation_key, minval=0, maxval=4, dtype=tf.int32, alg=_RNG_ALG
-      )
-      # All four rotations of every class, then each class's own:
-      # [ways, 4, shots + queries, H, H, C] -> [ways, shots + queries,
-      # H, H, C]. Counter-clockwise, as `ClassSet.with_rotations`.
-      flat = tf.reshape(examples, [-1, *example_shape])
-      rotations = tf.stack(
-        [tf.reshape(tf.image.rot90(flat, k), examples.shape) for k in range(4)],
-        axis=1,
-      )
-      examples = tf.gather(rotations, turns, batch_dims=1)
-    support = to_float(tf.reshape(examples[:, :shots], [-1, *example_shape]))
-    query = to_float(tf.reshape(examples[:, shots:], [-1, *example_shape]))
-    if distortion is not None:
-      distortion_key = tf.random.experimental.stateless_fold_in(
-        example_key, _DISTORTION_FOLD, alg=_RNG_ALG
-      )
-      both = tf.concat([support, query], 0)
-      both = affine_transform_images(
-        both,
-        _random_affine_parameters(
-          distortion_key, ways * (shots + queries), distortion
-        ),
-      )
-      support, query = both[: ways * shots], both[ways * shots :]
-    return {
-      "support_images": support,
-      "support_labels": support_labels,
-      "query_images": query,
-      "query_labels": query_labels,
-    }
+    picks = tf.math.top_k(noise, self._shots + self._queries).indices
+    picks = (
+      tf.cast(picks, tf.int64) + tf.gather(self._offsets, classes)[:, None]
+    )
+    return tf.gather(self._images, picks)
 
-  return episode
+  def _rotated(self, examples, class_key):
+    """`examples`, each class turned by its own random multiple of 90 deg."""
+    # Its own key, folded from the class key, so that the classes and
+    # examples drawn are those of the unrotated episode.
+    rotation_key = tf.random.experimental.stateless_fold_in(
+      class_key, 1, alg=_RNG_ALG
+    )
+    turns = tf.random.stateless_uniform(
+      [self._ways],
+      rotation_key,
+      minval=0,
+      maxval=4,
+      dtype=tf.int32,
+      alg=_RNG_ALG,
+    )
+    # All four rotations of every class, then each class's own:
+    # [ways, 4, shots + queries, H, H, C] -> [ways, shots + queries,
+    # H, H, C]. Counter-clockwise, as `ClassSet.with_rotations`.
+    flat = tf.reshape(examples, [-1, *self._example_shape])
+    rotations = tf.stack(
+      [tf.reshape(tf.image.rot90(flat, k), examples.shape) for k in range(4)],
+      axis=1,
+    )
+    return tf.gather(rotations, turns, batch_dims=1)
+
+  def _distorted(self, support, query, example_key):
+    """(support, query), each image through its own random affine map."""
+    distortion_key = tf.random.experimental.stateless_fold_in(
+      example_key, _DISTORTION_FOLD, alg=_RNG_ALG
+    )
+    count = self._ways * self._shots
+    both = affine_transform_images(
+      tf.concat([support, query], 0),
+      _random_affine_parameters(
+        distortion_key,
+        self._ways * (self._shots + self._queries),
+        self._distortion,
+      ),
+    )
+    return both[:count], both[count:]
 
 
 def _stream(
@@ -348,12 +393,14 @@ def _stream(
   one batch of B/R episodes for each replica r in `replica_ids`: episodes
   j*B + r*B/R .. j*B + (r+1)*B/R - 1.
   """
-  check_episode_args(class_set, ways, shots, queries, class_sampling)
+  ways, shots, queries = check_episode_args(
+    class_set, ways, shots, queries, class_sampling
+  )
   if distortion is not None and distortion.active:
     class_set.check_square_images("distortion")
-  check_int("batch_size", batch_size, 1)
-  check_int("num_replicas", num_replicas, 1)
-  check_int("start_batch", start_batch, 0)
+  batch_size = _validation.integer("batch_size", batch_size, 1)
+  num_replicas = _validation.integer("num_replicas", num_replicas, 1)
+  start_batch = _validation.integer("start_batch", start_batch, 0)
   if batch_size % num_replicas:
     raise ValueError(
       f"batch_size={batch_size} is not divisible by num_replicas={num_replicas}"
@@ -375,7 +422,7 @@ def _stream(
     .map(lambda j: j * batch_size + within)
     .unbatch()
   )
-  episode = _episode_fn(
+  episode = _EpisodeDrawer(
     class_set,
     ways,
     shots,
@@ -405,7 +452,7 @@ def meta_batches(
   replica_id: int = 0,
   num_replicas: int = 1,
   class_sampling: str = "uniform",
-  distortion: Optional[AffineDistortion] = None,
+  distortion: AffineDistortion | None = None,
 ) -> tf.data.Dataset:
   """An endless stream of meta-batches of episodes.
 
@@ -475,7 +522,7 @@ def distributed_meta_batches(
   seed: int,
   start_batch: int = 0,
   class_sampling: str = "uniform",
-  distortion: Optional[AffineDistortion] = None,
+  distortion: AffineDistortion | None = None,
 ) -> tf.data.Dataset:
   """One worker's meta-batches, for `distribute_datasets_from_function`.
 
@@ -567,11 +614,13 @@ def eval_episodes(
       ValueError: on arguments the class set cannot serve (`rotate_classes`
           with examples that are not square images).
   """
-  check_episode_args(class_set, ways, shots, queries, class_sampling)
-  check_int("num_episodes", num_episodes, 1)
+  ways, shots, queries = check_episode_args(
+    class_set, ways, shots, queries, class_sampling
+  )
+  num_episodes = _validation.integer("num_episodes", num_episodes, 1)
   if rotate_classes:
     class_set.check_square_images("rotate_classes")
-  episode = _episode_fn(
+  episode = _EpisodeDrawer(
     class_set, ways, shots, queries, seed, rotate_classes, class_sampling
   )
   return tf.data.Dataset.range(num_episodes).map(

@@ -12,15 +12,14 @@ import logging
 import os
 import pathlib
 import pickle
-from typing import Optional
 import zipfile
 
 import numpy as np
 import tensorflow as tf
 
+from comln_tf import _validation
 from comln_tf.data._classes import ClassSet
 from comln_tf.data._classes import Splits
-from comln_tf.data._episodes import check_int
 
 # Background alphabets held out of meta-training for validation (30 - 5 = 25
 # alphabets remain for training). Any fixed choice works; these five have
@@ -316,7 +315,12 @@ def _read_pickle(path, keys):
   return data
 
 
-@functools.lru_cache(maxsize=None)
+# The .npz cache of decoded Omniglot: one array per (TFDS split, field).
+_OMNIGLOT_SPLITS = ("train", "test")
+_OMNIGLOT_FIELDS = ("images", "classes", "alphabets")
+
+
+@functools.cache
 def _omniglot_arrays(data_dir, image_size, cache_dir):
   """Decoded Omniglot, cached in-process and in `cache_dir`.
 
@@ -335,40 +339,57 @@ def _omniglot_arrays(data_dir, image_size, cache_dir):
     f"omniglot-{_OMNIGLOT_VERSION}-{image_size}px-"
     f"{hashlib.sha256(source.encode()).hexdigest()[:12]}.npz"
   )
-  splits = ("train", "test")
-  fields = ("images", "classes", "alphabets")
   if cache_file.is_file():
-    try:
-      with np.load(cache_file) as cached:
-        arrays = {
-          split: tuple(cached[f"{split}_{field}"] for field in fields)
-          for split in splits
-        }
-      problem = _omniglot_cache_problem(arrays, image_size)
-    except (
-      OSError,
-      ValueError,
-      KeyError,
-      EOFError,
-      zipfile.BadZipFile,
-    ) as error:
-      problem = f"unreadable ({type(error).__name__}: {error})"
-    if problem is None:
+    arrays = _read_omniglot_cache(cache_file, image_size, source)
+    if arrays is not None:
       return arrays
-    logging.warning(
-      "The Omniglot cache %s is damaged (%s); rebuilding it from %s.",
-      cache_file,
-      problem,
-      source,
-    )
+  arrays = _decode_omniglot(data_dir, image_size)
+  _write_omniglot_cache(cache_file, arrays)
+  return arrays
 
+
+def _read_omniglot_cache(cache_file, image_size, source):
+  """The arrays of `_omniglot_arrays` from `cache_file`, or None if damaged.
+
+  A damaged cache (unreadable, or failing `_omniglot_cache_problem`) is
+  logged as a warning naming the problem and `source`, the data it is
+  rebuilt from.
+  """
+  try:
+    with np.load(cache_file) as cached:
+      arrays = {
+        split: tuple(cached[f"{split}_{field}"] for field in _OMNIGLOT_FIELDS)
+        for split in _OMNIGLOT_SPLITS
+      }
+    problem = _omniglot_cache_problem(arrays, image_size)
+  except (
+    OSError,
+    ValueError,
+    KeyError,
+    EOFError,
+    zipfile.BadZipFile,
+  ) as error:
+    problem = f"unreadable ({type(error).__name__}: {error})"
+  if problem is None:
+    return arrays
+  logging.warning(
+    "The Omniglot cache %s is damaged (%s); rebuilding it from %s.",
+    cache_file,
+    problem,
+    source,
+  )
+  return None
+
+
+def _decode_omniglot(data_dir, image_size):
+  """The arrays of `_omniglot_arrays`, decoded from TFDS's records."""
   # Imported here: it is slow to import, and only this source needs it.
   import tensorflow_datasets as tfds
 
   arrays = {}
-  for split in splits:
-    # Decoding ourselves (one channel) in parallel batches is much faster
-    # than TFDS's per-example RGB decoding.
+  for split in _OMNIGLOT_SPLITS:
+    # The PNGs are decoded here, to one channel and in parallel batches,
+    # rather than by TFDS, which decodes RGB one example at a time.
     dataset, info = tfds.load(
       "omniglot",
       split=split,
@@ -389,6 +410,11 @@ def _omniglot_arrays(data_dir, image_size, cache_dir):
       np.array(info.features["label"].names)[classes],
       np.array(info.features["alphabet"].names)[alphabets],
     )
+  return arrays
+
+
+def _write_omniglot_cache(cache_file, arrays):
+  """Writes `arrays` to `cache_file`; a failure is logged, not raised."""
   try:
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename, so a concurrent reader never sees half a file.
@@ -398,8 +424,8 @@ def _omniglot_arrays(data_dir, image_size, cache_dir):
         f,
         **{
           f"{split}_{field}": array
-          for split in splits
-          for field, array in zip(fields, arrays[split])
+          for split in _OMNIGLOT_SPLITS
+          for field, array in zip(_OMNIGLOT_FIELDS, arrays[split])
         },
       )
     os.replace(partial, cache_file)
@@ -407,7 +433,6 @@ def _omniglot_arrays(data_dir, image_size, cache_dir):
     logging.warning(
       "Could not write the Omniglot cache %s: %s", cache_file, error
     )
-  return arrays
 
 
 def _omniglot_source(data_dir):
@@ -797,8 +822,8 @@ def available_sources():
 
 def load_splits(
   name: str = "omniglot",
-  data_dir: Optional[str] = None,
-  image_size: Optional[int] = None,
+  data_dir: str | None = None,
+  image_size: int | None = None,
   *,
   rotations: bool = False,
   train_on_validation: bool = False,
@@ -851,8 +876,7 @@ def load_splits(
       f"unknown dataset {name!r} (argument `name`); known "
       f"datasets: {', '.join(available_sources())}"
     )
-  if image_size is not None:
-    check_int("image_size", image_size, 1)
+  image_size = _validation.integer("image_size", image_size, 1, optional=True)
   splits = _SOURCES[name](data_dir, image_size, **options)
   for a, b in itertools.combinations(splits, 2):
     shared = sorted(set(a.class_names) & set(b.class_names))

@@ -1,13 +1,15 @@
 """tf.distribute strategies for meta-training, and per-worker file paths."""
 
+from collections.abc import Sequence
 import json
 import os
 import re
 
 import tensorflow as tf
 
-from comln_tf.training import _config
-from comln_tf.training._config import ConfigError
+from comln_tf import _validation
+from comln_tf.config import ConfigError
+from comln_tf.config import STRATEGIES
 
 _CPU_DEVICE = re.compile(r"^/(?:device:)?cpu:(\d+)$", re.IGNORECASE)
 
@@ -44,7 +46,9 @@ def _configure_logical_cpus(devices):
     ) from error
 
 
-def make_strategy(name, devices=None, tpu=None):
+def make_strategy(
+  name: str, devices: Sequence[str] | None = None, tpu: str | None = None
+) -> tf.distribute.Strategy:
   """Creates the tf.distribute strategy of a run.
 
   Call it before any other TensorFlow op: the multi-worker and logical CPU
@@ -64,6 +68,7 @@ def make_strategy(name, devices=None, tpu=None):
   Raises:
     ConfigError: unknown name, missing TF_CONFIG, or no TPU.
   """
+  _validation.one_of("config.run.strategy", name, STRATEGIES, error=ConfigError)
   if name == "default":
     return tf.distribute.get_strategy()
   if name == "mirrored":
@@ -87,26 +92,22 @@ def make_strategy(name, devices=None, tpu=None):
         f"JSON: {error}"
       ) from error
     return tf.distribute.MultiWorkerMirroredStrategy()
-  if name == "tpu":
-    try:
-      resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
-      tf.config.experimental_connect_to_cluster(resolver)
-      tf.tpu.experimental.initialize_tpu_system(resolver)
-    except (ValueError, RuntimeError, tf.errors.OpError) as error:
-      first_line = str(error).strip().splitlines()[0]
-      raise ConfigError(
-        f"config.run.strategy='tpu': no TPU available "
-        f"(config.run.tpu={tpu!r}): "
-        f"{first_line}"
-      ) from error
-    return tf.distribute.TPUStrategy(resolver)
-  raise ConfigError(
-    f"config.run.strategy must be one of "
-    f"{', '.join(_config.STRATEGIES)}; got {name!r}."
-  )
+  # name == "tpu"
+  try:
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+  except (ValueError, RuntimeError, tf.errors.OpError) as error:
+    first_line = str(error).strip().splitlines()[0]
+    raise ConfigError(
+      f"config.run.strategy='tpu': no TPU available "
+      f"(config.run.tpu={tpu!r}): "
+      f"{first_line}"
+    ) from error
+  return tf.distribute.TPUStrategy(resolver)
 
 
-def is_chief(strategy):
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
   """Whether this worker writes the run's files (summaries, config, export).
 
   Every worker but the multi-worker chief (or worker 0 without a chief)
@@ -115,7 +116,7 @@ def is_chief(strategy):
   return strategy.extended.should_checkpoint
 
 
-def worker_dir(directory, strategy):
+def worker_dir(directory: str, strategy: tf.distribute.Strategy) -> str:
   """Where this worker writes the checkpoints of `directory`.
 
   TensorFlow's multi-worker convention: every worker saves (saving may need

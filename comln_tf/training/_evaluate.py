@@ -3,16 +3,19 @@
 import math
 import os
 
+import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from comln_tf import _validation
 from comln_tf import evaluation
+from comln_tf.config import CONFIG_FILE
+from comln_tf.config import ConfigError
+from comln_tf.config import updated
+from comln_tf.model import COMLN
+from comln_tf.training import _checkpoints
 from comln_tf.training import _loop
-from comln_tf.training import _models
-from comln_tf.training._config import CONFIG_FILE
-from comln_tf.training._config import ConfigError
 from comln_tf.training._config import load_config
-from comln_tf.training._config import updated
 
 SPLITS = ("test", "validation")
 
@@ -21,19 +24,19 @@ DEFAULT_EPISODES = 1000
 
 
 def default_output(
-  model_dir,
-  which,
-  split,
-  ways,
-  shots,
-  queries,
-  t_final=None,
-  rotate_classes=False,
-  classifier="comln",
-  class_sampling="uniform",
-  seed=evaluation.TEST_SEED,
-  num_episodes=DEFAULT_EPISODES,
-):
+  model_dir: str,
+  which: str,
+  split: str,
+  ways: int,
+  shots: int,
+  queries: int,
+  t_final: float | None = None,
+  rotate_classes: bool = False,
+  classifier: str = "comln",
+  class_sampling: str = "uniform",
+  seed: int = evaluation.TEST_SEED,
+  num_episodes: int = DEFAULT_EPISODES,
+) -> str:
   """model_dir/evaluation_<split>_<which>_<ways>w<shots>s<queries>q.json.
 
   With class_sampling="within_alphabet", "_within_alphabet" before
@@ -55,7 +58,9 @@ def default_output(
   )
 
 
-def evaluation_model(model_dir, which="auto"):
+def evaluation_model(
+  model_dir: str, which: str = "auto"
+) -> tuple[COMLN, ml_collections.ConfigDict, str, str, int]:
   """The model `evaluate_run` evaluates, restored from a run's checkpoint.
 
   Args:
@@ -70,17 +75,17 @@ def evaluation_model(model_dir, which="auto"):
     ConfigError: naming model_dir and which: no run, no such checkpoint,
       or a checkpoint not written by training.
   """
-  if which not in _models.CHECKPOINTS:
+  if which not in _checkpoints.CHECKPOINTS:
     raise ConfigError(
       f"which (the checkpoint) must be one of "
-      f"{', '.join(_models.CHECKPOINTS)}; got {which!r}."
+      f"{', '.join(_checkpoints.CHECKPOINTS)}; got {which!r}."
     )
   try:
     config = load_config(model_dir)
-    path = _models.checkpoint_path(model_dir, which)
+    path = _checkpoints.checkpoint_path(model_dir, which)
     # At once: a live run may replace its best or old checkpoints.
-    step = _models.checkpoint_step(path)
-    model = _models.model_from_checkpoint(
+    step = _checkpoints.checkpoint_step(path)
+    model = _checkpoints.model_from_checkpoint(
       config, path, jit_compile=config.adaptation.jit_compile
     )
   except (FileNotFoundError, ValueError, tf.errors.NotFoundError) as error:
@@ -90,13 +95,13 @@ def evaluation_model(model_dir, which="auto"):
   kind = (
     "best"
     if os.path.normpath(os.path.dirname(path))
-    == os.path.normpath(os.path.join(model_dir, _models.BEST_DIR))
+    == os.path.normpath(os.path.join(model_dir, _checkpoints.BEST_DIR))
     else "latest"
   )
   return model, config, path, kind, step
 
 
-def check_output(output):
+def check_output(output: str) -> None:
   """Raises ConfigError unless the evaluation may write its JSON to `output`.
 
   The rule: a path ending in ".json", not named config.json (a run's
@@ -135,7 +140,7 @@ def _first_line(error):
   return message.strip().splitlines()[0] if message.strip() else repr(error)
 
 
-def check_t_final(model, t_final=None):
+def check_t_final(model: COMLN, t_final: float | None = None) -> None:
   """Raises ConfigError unless the model adapts up to a finite T > 0.
 
   T is what the model computes in its dtype: t_final=1e39 is a finite
@@ -164,24 +169,24 @@ def check_t_final(model, t_final=None):
 
 
 def evaluate_run(
-  model_dir,
+  model_dir: str,
   *,
-  which="auto",
-  split="test",
-  num_episodes=1000,
-  seed=evaluation.TEST_SEED,
-  ways=None,
-  shots=None,
-  queries=None,
-  batch_size=None,
-  data_dir=None,
-  output=None,
-  t_final=None,
-  rotate_classes=False,
-  classifier="comln",
-  class_sampling=None,
-  progress=True,
-):
+  which: str = "auto",
+  split: str = "test",
+  num_episodes: int = DEFAULT_EPISODES,
+  seed: int = evaluation.TEST_SEED,
+  ways: int | None = None,
+  shots: int | None = None,
+  queries: int | None = None,
+  batch_size: int | None = None,
+  data_dir: str | None = None,
+  output: str | None = None,
+  t_final: float | None = None,
+  rotate_classes: bool = False,
+  classifier: str = "comln",
+  class_sampling: str | None = None,
+  progress: bool = True,
+) -> dict:
   """Evaluates a run's checkpoint on fixed episodes and writes the JSON.
 
   Every argument, the output file included, is checked before the first
@@ -233,70 +238,103 @@ def evaluate_run(
   _check_classifier(classifier, t_final)
   if output:
     check_output(output)
+  model, config, path, which, step = _restored(
+    model_dir, which, t_final, classifier, data_dir
+  )
+  episodes = _episodes(config, ways, shots, queries, class_sampling)
+  if not output:
+    output = default_output(
+      model_dir,
+      which,
+      split,
+      **episodes,
+      t_final=t_final,
+      rotate_classes=rotate_classes,
+      classifier=classifier,
+      seed=seed,
+      num_episodes=num_episodes,
+    )
+    check_output(output)
+  class_set = _class_set(config, split, episodes, rotate_classes)
+  results = evaluation.evaluate(
+    model,
+    class_set,
+    **episodes,
+    num_episodes=num_episodes,
+    seed=seed,
+    batch_size=batch_size or config.data.meta_batch_size,
+    rotate_classes=rotate_classes,
+    classifier=classifier,
+    progress=progress,
+  )
+  t_used = float(model.classifier.t_final) if classifier == "comln" else None
+  results.update(checkpoint=path, which=which, step=step, t_final=t_used)
+  results.update(model_dir=model_dir, output=output)
+  _write_results(output, results)
+  return results
+
+
+def _restored(model_dir, which, t_final, classifier, data_dir):
+  """`evaluation_model`'s result, its T set to t_final (checked for COMLN).
+
+  The config's data_dir is replaced by `data_dir` if given.
+  """
   model, config, path, which, step = evaluation_model(model_dir, which)
+  if data_dir is not None:
+    config = updated(config, {"data.data_dir": data_dir})
   if t_final is not None:
     model.classifier.assign_t_final(t_final)
   if classifier == "comln":
     check_t_final(model, t_final)
+  return model, config, path, which, step
+
+
+def _episodes(config, ways, shots, queries, class_sampling):
+  """{"ways", "shots", "queries", "class_sampling"}: given, or the run's.
+
+  Raises:
+    ConfigError: other ways than the run's, for a W0 of the run's rows.
+  """
   run = config.data
   ways = run.ways if ways is None else ways
-  shots = run.shots if shots is None else shots
-  queries = run.queries if queries is None else queries
-  class_sampling = class_sampling or run.class_sampling
   if ways != run.ways and not config.model.tie_init_rows:
     raise ConfigError(
       f"ways={ways}: the run was trained with config.data.ways={run.ways} "
       f"and without config.model.tie_init_rows, so its W0 has {run.ways} "
       f"rows."
     )
-  if not output:
-    output = default_output(
-      model_dir,
-      which,
-      split,
-      ways,
-      shots,
-      queries,
-      t_final,
-      rotate_classes,
-      classifier,
-      class_sampling,
-      seed,
-      num_episodes,
-    )
-    check_output(output)
-  if data_dir is not None:
-    config = updated(config, {"data.data_dir": data_dir})
+  return {
+    "ways": ways,
+    "shots": run.shots if shots is None else shots,
+    "queries": run.queries if queries is None else queries,
+    "class_sampling": class_sampling or run.class_sampling,
+  }
+
+
+def _class_set(config, split, episodes, rotate_classes):
+  """The split's classes, checked to make the episodes.
+
+  Raises:
+    ConfigError: the data cannot be loaded, cannot make the episodes, or
+      cannot be rotated (rotate_classes on images that are not square).
+  """
   class_set = getattr(_loop.load_splits(config), split)
-  _loop.check_episodes(class_set, ways, shots, queries, class_sampling)
+  _loop.check_episodes(class_set, **episodes)
   if rotate_classes:
     try:
       class_set.check_square_images("rotate_classes")
     except ValueError as error:
       raise ConfigError(f"rotate_classes: {error}") from error
-  results = evaluation.evaluate(
-    model,
-    class_set,
-    ways=ways,
-    shots=shots,
-    queries=queries,
-    num_episodes=num_episodes,
-    seed=seed,
-    batch_size=batch_size or config.data.meta_batch_size,
-    rotate_classes=rotate_classes,
-    classifier=classifier,
-    class_sampling=class_sampling,
-    progress=progress,
-  )
-  t_used = float(model.classifier.t_final) if classifier == "comln" else None
-  results.update(
-    checkpoint=path,
-    which=which,
-    step=step,
-    model_dir=model_dir,
-    t_final=t_used,
-    output=output,
-  )
+  return class_set
+
+
+def _write_results(output, results):
+  """Writes the results' JSON to `output`.
+
+  Raises:
+    evaluation.ResultNotWrittenError: it could not be written; it holds
+      the results all the same.
+  """
   try:
     evaluation.write_json(output, results)
   except (OSError, tf.errors.OpError) as error:
@@ -305,15 +343,11 @@ def evaluate_run(
       f"{_first_line(error)}",
       results,
     ) from error
-  return results
 
 
 def _check_arguments(split, num_episodes, ways, shots, queries, batch_size):
   """Raises ConfigError naming the first bad split or count."""
-  if split not in SPLITS:
-    raise ConfigError(
-      f"split must be one of {', '.join(SPLITS)}; got {split!r}."
-    )
+  _validation.one_of("split", split, SPLITS, error=ConfigError)
   for name, value in (
     ("num_episodes", num_episodes),
     ("ways", ways),
@@ -322,10 +356,8 @@ def _check_arguments(split, num_episodes, ways, shots, queries, batch_size):
     ("batch_size", batch_size),
   ):
     # 0 is an error, not "the run's value": None is.
-    if value is not None and (
-      isinstance(value, bool) or not isinstance(value, int) or value < 1
-    ):
-      raise ConfigError(f"{name} must be an integer >= 1; got {value!r}.")
+    if value is not None:
+      _validation.integer(name, value, 1, error=ConfigError)
   if ways is not None:
     try:
       evaluation.check_ways(ways)

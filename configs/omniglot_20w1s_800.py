@@ -1,8 +1,0 @@
-"""Omniglot split by alphabet (this project's split): the 20-way 1-shot recipe,
-800 steps."""
-
-from configs import base
-
-
-def get_config():
-  return base.omniglot_20w1s("omniglot", steps=800)

@@ -1,8 +1,0 @@
-"""omniglot_vinyals_20w1s_800_w1 continued: 600 steps from lr 0.05, seed 2."""
-
-from configs import base
-from configs import omniglot_vinyals_20w1s_800_w1
-
-
-def get_config():
-  return base.continuation(omniglot_vinyals_20w1s_800_w1, seed=2)

@@ -1,0 +1,126 @@
+"""Tests of export/served_check.py with a stand-in server."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from comln_tf import data
+from comln_tf import evaluation
+from comln_tf import training
+from evaluation_helpers import STEP
+from evaluation_helpers import make_run_dir
+from evaluation_helpers import progress_lines
+from evaluation_helpers import run_episodes
+from export import saved_model
+from export import served_check
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  return make_run_dir(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def omniglot_test():
+  return data.load_splits("omniglot").test
+
+
+class _FakeServed:
+  """Stands in for a loaded export: adapt_and_predict gives seeded logits.
+
+  Call i returns normal random logits of seed i, whose row 1 is NaN at call
+  `nan_call`, and their argmax as classes (where NaN rows are class 0).
+  """
+
+  def __init__(self, ways, nan_call=None):
+    self.ways, self.nan_call, self.calls = ways, nan_call, 0
+    self.signatures = {saved_model.ADAPT_AND_PREDICT: self._serve}
+
+  @staticmethod
+  def logits(call, queries, ways):
+    return (
+      np.random.default_rng(call)
+      .normal(size=(queries, ways))
+      .astype(np.float32)
+    )
+
+  def _serve(self, support_images, support_labels, query_images):
+    del support_images, support_labels
+    logits = self.logits(self.calls, query_images.shape[0], self.ways)
+    if self.calls == self.nan_call:
+      logits[1] = np.nan
+    self.calls += 1
+    return {
+      "logits": tf.constant(logits),
+      "classes": tf.constant(np.argmax(logits, -1), tf.int64),
+    }
+
+
+def _fake_export(run_dir, tmp_path, monkeypatch, **kwargs):
+  """An export folder whose loading gives a _FakeServed(5, **kwargs)."""
+  export_dir = tmp_path / "export"
+  (export_dir / "assets.extra").mkdir(parents=True)
+  (export_dir / "assets.extra" / saved_model.METADATA_FILE).write_text(
+    json.dumps(
+      {
+        "checkpoint": training.checkpoint_path(str(run_dir), "latest"),
+        "step": STEP,
+      }
+    )
+  )
+  monkeypatch.setattr(
+    tf.saved_model, "load", lambda path: _FakeServed(5, **kwargs)
+  )
+  return str(export_dir)
+
+
+def test_served_check_refuses_nan_served_logits(run_dir, tmp_path, monkeypatch):
+  export_dir = _fake_export(run_dir, tmp_path, monkeypatch, nan_call=5)
+  with pytest.raises(
+    evaluation.NonFiniteLogitsError,
+    match=r"^The served model: non-finite logits \(NaN or inf\) in 1 "
+    r"episode\(s\) \(episode 5 of 8\)",
+  ):
+    served_check.compare(
+      str(run_dir), export_dir, which="latest", num_episodes=8
+    )
+  with pytest.raises(
+    training.ConfigError, match="ways must be an integer >= 2"
+  ):
+    served_check.compare(str(run_dir), export_dir, ways=1)
+
+
+def test_served_check_logs_progress(
+  run_dir, omniglot_test, tmp_path, monkeypatch, caplog
+):
+  export_dir = _fake_export(run_dir, tmp_path, monkeypatch)
+  with caplog.at_level(logging.INFO):
+    result = served_check.compare(
+      str(run_dir), export_dir, which="latest", num_episodes=8
+    )
+  labels = np.stack(
+    [
+      episode["query_labels"]
+      for episode in run_episodes(omniglot_test, 8).as_numpy_iterator()
+    ]
+  )
+  served = np.stack([_FakeServed.logits(i, 15, 5).argmax(-1) for i in range(8)])
+  np.testing.assert_array_equal(result["served_classes"], served)
+  running = np.cumsum(np.mean(served == labels, axis=1)) / np.arange(1, 9)
+  for step in ("Restoring launch.evaluate's model", "Loading the export"):
+    assert step in caplog.text
+  lines = progress_lines(caplog.text, "Served check")
+  # A line every 10% of the 8 episodes: after each meta-batch of 4.
+  assert [(done, total) for done, total, _ in lines] == [(4, 8), (8, 8)]
+  for done, _, accuracy in lines:
+    assert accuracy == pytest.approx(100 * running[done - 1], abs=0.006)
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    served_check.compare(
+      str(run_dir), export_dir, which="latest", num_episodes=4, progress=False
+    )
+  assert not progress_lines(caplog.text, "Served check")
+  assert "Loading the export" not in caplog.text
