@@ -28,10 +28,14 @@ The backbones:
 `get_backbone(name, **kwargs)` builds one by name.
 """
 
+from __future__ import annotations
+
 import math
+from typing import Any
 
 import keras
 from keras import ops
+import tensorflow as tf
 
 _PACKAGE = "comln_tf"
 
@@ -101,7 +105,7 @@ class TaskBatchNormalization(keras.layers.Layer):
     super().__init__(**kwargs)
     self.epsilon = epsilon
 
-  def build(self, input_shape):
+  def build(self, input_shape: tuple[int | None, ...]) -> None:
     if len(input_shape) < 3:
       raise ValueError(
         "TaskBatchNormalization expects [tasks, images, ..., channels], "
@@ -115,16 +119,45 @@ class TaskBatchNormalization(keras.layers.Layer):
       shape=(channels,), initializer="zeros", name="beta"
     )
 
-  def call(self, inputs, training=None):
+  def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+    if (
+      len(inputs.shape) == 5
+      and inputs.shape[0] == 1
+      and inputs.dtype == tf.float32
+    ):
+      return self._one_task_fused(inputs)
     axes = list(range(1, len(inputs.shape) - 1))
     mean, variance = ops.moments(inputs, axes=axes, keepdims=True)
     normalized = (inputs - mean) * ops.rsqrt(variance + self.epsilon)
     return normalized * self.gamma + self.beta
 
-  def compute_output_shape(self, input_shape):
+  def _one_task_fused(self, inputs: tf.Tensor) -> tf.Tensor:
+    """`call` on the images of one task, float32 [1, n, H, W, C].
+
+    The same normalization as TensorFlow's fused batch norm kernel, whose
+    forward pass and gradient each read the map twice where the separate
+    operations of `call` read it many times. The raw op, because
+    `tf.nn.fused_batch_norm` raises epsilon to at least 1.001e-5.
+    """
+    empty = tf.constant([], tf.float32)
+    normalized = tf.raw_ops.FusedBatchNormV3(
+      x=inputs[0],
+      scale=tf.cast(self.gamma, tf.float32),
+      offset=tf.cast(self.beta, tf.float32),
+      mean=empty,
+      variance=empty,
+      epsilon=self.epsilon,
+      data_format="NHWC",
+      is_training=True,
+    )[0]
+    return normalized[None]
+
+  def compute_output_shape(
+    self, input_shape: tuple[int | None, ...]
+  ) -> tuple[int | None, ...]:
     return input_shape
 
-  def get_config(self):
+  def get_config(self) -> dict[str, Any]:
     return {**super().get_config(), "epsilon": self.epsilon}
 
 
@@ -172,23 +205,25 @@ class ConvBlock(keras.layers.Layer):
       w = None if w is None else (w + 1) // 2
     return (b, n, h, w, self.filters)
 
-  def build(self, input_shape):
+  def build(self, input_shape: tuple[int | None, ...]) -> None:
     self.conv.build((None,) + tuple(input_shape[2:]))
     self.norm.build(self._conv_shape(tuple(input_shape)))
 
-  def call(self, inputs, training=None):
+  def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
     x = ops.relu(self.norm(_per_image(self.conv, inputs)))
     if not self.pool:
       return x
     return _per_image(lambda t: ops.max_pool(t, 2, 2), x)
 
-  def compute_output_shape(self, input_shape):
+  def compute_output_shape(
+    self, input_shape: tuple[int | None, ...]
+  ) -> tuple[int | None, ...]:
     shape = self._conv_shape(tuple(input_shape))
     if not self.pool:
       return shape
     return _pooled_shape(shape, self.filters)
 
-  def get_config(self):
+  def get_config(self) -> dict[str, Any]:
     return {
       **super().get_config(),
       "filters": self.filters,
@@ -248,7 +283,7 @@ class ResNetBlock(keras.layers.Layer):
     )
     self.shortcut_norm = TaskBatchNormalization(epsilon, name="shortcut_norm")
 
-  def build(self, input_shape):
+  def build(self, input_shape: tuple[int | None, ...]) -> None:
     image_shape = (None,) + tuple(input_shape[2:])
     output_shape = tuple(input_shape[:-1]) + (self.filters,)
     self.shortcut_conv.build(image_shape)
@@ -258,7 +293,7 @@ class ResNetBlock(keras.layers.Layer):
     for norm in self.norms + [self.shortcut_norm]:
       norm.build(output_shape)
 
-  def call(self, inputs, training=None):
+  def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
     x = inputs
     for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
       x = norm(_per_image(conv, x))
@@ -268,16 +303,23 @@ class ResNetBlock(keras.layers.Layer):
     x = ops.leaky_relu(x + shortcut, self.negative_slope)
     return _per_image(lambda t: ops.max_pool(t, 2, 2), x)
 
-  def compute_output_shape(self, input_shape):
+  def compute_output_shape(
+    self, input_shape: tuple[int | None, ...]
+  ) -> tuple[int | None, ...]:
     return _pooled_shape(input_shape, self.filters)
 
-  def get_config(self):
+  def get_config(self) -> dict[str, Any]:
     return {
       **super().get_config(),
       "filters": self.filters,
       "negative_slope": self.negative_slope,
       "epsilon": self.epsilon,
     }
+
+
+# Meta-batches of at most this many tasks, of a size known when traced, go
+# through the blocks one task at a time (see `_EpisodeBackbone.call`).
+_MAX_TASKS_ONE_BY_ONE = 64
 
 
 class _EpisodeBackbone(keras.layers.Layer):
@@ -314,13 +356,13 @@ class _EpisodeBackbone(keras.layers.Layer):
       task_shape = block.compute_output_shape(task_shape)
     return task_shape
 
-  def build(self, input_shape):
+  def build(self, input_shape: tuple[int | None, ...]) -> None:
     shape = self._as_tasks(input_shape)
     for block in self.blocks:
       block.build(shape)
       shape = block.compute_output_shape(shape)
 
-  def call(self, images, training=None):
+  def call(self, images: tf.Tensor, training: bool | None = None) -> tf.Tensor:
     """Embeds the images.
 
     Args:
@@ -332,8 +374,16 @@ class _EpisodeBackbone(keras.layers.Layer):
     """
     one_task = len(images.shape) == 4
     x = images[None] if one_task else images
-    for block in self.blocks:
-      x = block(x, training=training)
+    tasks = x.shape[0]
+    if tasks is not None and 1 < tasks <= _MAX_TASKS_ONE_BY_ONE:
+      # Each task through the blocks alone: its batch norms then run as
+      # fused kernels (`TaskBatchNormalization`), and the tasks' chains are
+      # independent operations TensorFlow runs side by side.
+      x = ops.concatenate(
+        [self._blocks(x[i : i + 1], training) for i in range(tasks)], axis=0
+      )
+    else:
+      x = self._blocks(x, training)
     if self.global_pool:
       x = ops.mean(x, axis=(2, 3))
     else:
@@ -343,7 +393,14 @@ class _EpisodeBackbone(keras.layers.Layer):
       x = ops.reshape(x, (shape[0], shape[1], flat))
     return x[0] if one_task else x
 
-  def compute_output_shape(self, input_shape):
+  def _blocks(self, x: tf.Tensor, training: bool | None) -> tf.Tensor:
+    for block in self.blocks:
+      x = block(x, training=training)
+    return x
+
+  def compute_output_shape(
+    self, input_shape: tuple[int | None, ...]
+  ) -> tuple[int | None, ...]:
     b, n, h, w, c = self._feature_map_shape(self._as_tasks(input_shape))
     if self.global_pool:
       d = c
@@ -353,7 +410,7 @@ class _EpisodeBackbone(keras.layers.Layer):
       d = h * w * c
     return (n, d) if len(input_shape) == 4 else (b, n, d)
 
-  def get_config(self):
+  def get_config(self) -> dict[str, Any]:
     return {**super().get_config(), "global_pool": self.global_pool}
 
 
@@ -432,7 +489,7 @@ class Conv4(_EpisodeBackbone):
       for i in range(4)
     ]
 
-  def get_config(self):
+  def get_config(self) -> dict[str, Any]:
     return {
       **super().get_config(),
       "filters": self.filters,
@@ -486,7 +543,7 @@ class ResNet12(_EpisodeBackbone):
       for i, c in enumerate(self.channels)
     ]
 
-  def get_config(self):
+  def get_config(self) -> dict[str, Any]:
     return {
       **super().get_config(),
       "channels": list(self.channels),
@@ -507,17 +564,19 @@ class Identity(keras.layers.Layer):
     `inputs`, same shape and dtype.
   """
 
-  def call(self, inputs, training=None):
+  def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
     return inputs
 
-  def compute_output_shape(self, input_shape):
+  def compute_output_shape(
+    self, input_shape: tuple[int | None, ...]
+  ) -> tuple[int | None, ...]:
     return input_shape
 
 
 _BACKBONES = {"conv4": Conv4, "resnet12": ResNet12, "identity": Identity}
 
 
-def get_backbone(name, **kwargs):
+def get_backbone(name: str, **kwargs: Any) -> keras.layers.Layer:
   """Builds a backbone by name.
 
   Args:

@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -31,7 +32,7 @@ def _ways_of_labels(support_labels):
   return tf.where(tf.size(labels) > 0, tf.reduce_max(labels) + 1, 2)
 
 
-def check_finite_queries(query_embeddings):
+def check_finite_queries(query_embeddings: tf.Tensor) -> tf.Tensor:
   """`query_embeddings`, after a check that every value is finite.
 
   The engine refuses non-finite support embeddings; the queries never
@@ -196,10 +197,10 @@ class GradientFlowClassifier(keras.layers.Layer):
 
   def build(
     self,
-    support_embeddings_shape,
-    support_labels_shape=None,
-    query_embeddings_shape=None,
-  ):
+    support_embeddings_shape: tuple[int | None, ...],
+    support_labels_shape: tuple[int | None, ...] | None = None,
+    query_embeddings_shape: tuple[int | None, ...] | None = None,
+  ) -> None:
     embedding_size = support_embeddings_shape[-1]
     if embedding_size is None:
       raise ValueError(
@@ -222,11 +223,11 @@ class GradientFlowClassifier(keras.layers.Layer):
     )
 
   @property
-  def t_final(self):
+  def t_final(self) -> tf.Tensor:
     """T = exp(tau), scalar tensor."""
     return tf.exp(tf.convert_to_tensor(self.log_t))
 
-  def assign_t_final(self, t_final):
+  def assign_t_final(self, t_final: float) -> None:
     """Sets T (a float > 0); stored as tau = log T."""
     self.log_t.assign(math.log(t_final))
 
@@ -258,7 +259,7 @@ class GradientFlowClassifier(keras.layers.Layer):
     num_ways: int | None = None,
     return_stats: bool = False,
     max_steps: int | None = None,
-  ):
+  ) -> tf.Tensor | tuple[tf.Tensor, engine.SolveStats]:
     """Adapted weights for each task.
 
     Args:
@@ -312,7 +313,7 @@ class GradientFlowClassifier(keras.layers.Layer):
     return (weights, stats) if return_stats else weights
 
   @staticmethod
-  def logits(query_embeddings, weights):
+  def logits(query_embeddings: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
     """Query logits [B, Q, N] from embeddings [B, Q, d], weights [B, N, d]."""
     return tf.matmul(query_embeddings, weights, transpose_b=True)
 
@@ -367,13 +368,16 @@ class GradientFlowClassifier(keras.layers.Layer):
 
   def compute_output_shape(
     self,
-    support_embeddings_shape,
-    support_labels_shape=None,
-    query_embeddings_shape=None,
-  ):
+    support_embeddings_shape: tuple[int | None, ...],
+    support_labels_shape: tuple[int | None, ...] | None = None,
+    query_embeddings_shape: tuple[int | None, ...] | None = None,
+  ) -> tuple[int | None, ...]:
+    if query_embeddings_shape is None:
+      # The logits take their leading axes from the queries.
+      raise TypeError("compute_output_shape needs query_embeddings_shape.")
     return tuple(query_embeddings_shape[:-1]) + (self.num_ways,)
 
-  def get_config(self):
+  def get_config(self) -> dict[str, Any]:
     config = super().get_config()
     config.update(
       num_ways=self.num_ways,

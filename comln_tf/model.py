@@ -1,11 +1,13 @@
 """The COMLN Keras model: a backbone and a gradient-flow classifier head."""
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import keras
 import tensorflow as tf
 
 from comln_tf import backbones
+from comln_tf import engine
 from comln_tf import layers
 
 
@@ -77,7 +79,7 @@ class COMLN(keras.Model):
     self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
     self.num_evals_tracker = keras.metrics.Mean(name="num_evals")
 
-  def build(self, input_shape):
+  def build(self, input_shape: Mapping[str, tuple[int | None, ...]]) -> None:
     """Builds the backbone and the classifier.
 
     Args:
@@ -91,7 +93,12 @@ class COMLN(keras.Model):
     if not self.classifier.built:
       self.classifier.build(self.backbone.compute_output_shape(images_shape))
 
-  def call(self, inputs, training=None, return_stats=False):
+  def call(
+    self,
+    inputs: Mapping[str, tf.Tensor],
+    training: bool | None = None,
+    return_stats: bool = False,
+  ) -> tf.Tensor | tuple[tf.Tensor, engine.SolveStats]:
     """Query logits of each task after adapting to its support set.
 
     Args:
@@ -211,7 +218,11 @@ class COMLN(keras.Model):
     logs["t_final"] = self.classifier.t_final
     return logs
 
-  def regularized_gradients(self, gradients, variables):
+  def regularized_gradients(
+    self,
+    gradients: Sequence[tf.Tensor | None],
+    variables: Sequence[keras.Variable],
+  ) -> list[tf.Tensor | None]:
     """Adds weight_decay * v to the gradient of every variable but tau.
 
     Args:
@@ -227,7 +238,9 @@ class COMLN(keras.Model):
       for g, v in zip(gradients, variables)
     ]
 
-  def replica_gradients(self, data):
+  def replica_gradients(
+    self, data: Mapping[str, tf.Tensor]
+  ) -> tuple[tf.Tensor, tf.Tensor, engine.SolveStats, list[tf.Tensor]]:
     """This replica's part of the meta-gradient of a meta-batch.
 
     Under tf.distribute with R replicas each replica gets B/R episodes and
@@ -254,7 +267,7 @@ class COMLN(keras.Model):
     num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
     return loss, logits, stats, [g / num_replicas for g in gradients]
 
-  def train_step(self, data):
+  def train_step(self, data: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     """One meta-training step on a meta-batch of episodes.
 
     Works under tf.distribute (`model.fit` in a strategy's scope): see
@@ -291,18 +304,18 @@ class COMLN(keras.Model):
     self.optimizer.apply(gradients, self.trainable_variables)
     return self._update_metrics(data, logits, loss, stats)
 
-  def test_step(self, data):
+  def test_step(self, data: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     """Evaluates a meta-batch of episodes; same data and logs as train_step."""
     logits, stats = self(data, training=False, return_stats=True)
     loss = self.query_loss(data["query_labels"], logits)
     return self._update_metrics(data, logits, loss, stats)
 
   @property
-  def metrics(self):
+  def metrics(self) -> list[keras.metrics.Metric]:
     # Listed so that Keras resets them at the start of each epoch.
     return [self.loss_tracker, self.accuracy_tracker, self.num_evals_tracker]
 
-  def get_config(self):
+  def get_config(self) -> dict[str, Any]:
     return {
       "name": self.name,
       "trainable": self.trainable,
@@ -312,7 +325,7 @@ class COMLN(keras.Model):
     }
 
   @classmethod
-  def from_config(cls, config):
+  def from_config(cls, config: dict[str, Any]) -> "COMLN":
     config = dict(config)
     for key in ("backbone", "classifier"):
       config[key] = keras.saving.deserialize_keras_object(config[key])

@@ -3,9 +3,11 @@ r"""Serving benchmark of an export: latency, size on disk, load time.
 Loads the export with the TF1 session loader (as TF Serving does), replays
 its warmup requests, then times `--requests` runs of each case (after 5
 untimed ones) and reports p50 and p99:
-  adapt_and_predict, 5-way 1-shot and 5-way 5-shot, 75 queries;
+  adapt_and_predict, 5-way 1-shot and 5-way 5-shot, 15 queries per class;
+  and 20-way 1-shot if the export takes any number of ways (tied rows);
   adapt alone, same support sets;
-  predict alone, 75 queries (the weights of the 5-shot adaptation).
+  predict alone, 75 queries (the weights of the 5-way 5-shot adaptation).
+The machine's float32 matmul peak is measured first, in the same process.
 Inputs are uniform random pixels of the export's image shape; the time is
 that of `Session.run` on numpy inputs (no network, no proto decoding),
 with TensorFlow's default thread pools.
@@ -31,6 +33,7 @@ import numpy as np
 from export import saved_model
 from export import session
 from export import warmup
+from launch import machine
 
 _EXPORT_DIR = flags.DEFINE_string(
   "export_dir",
@@ -45,7 +48,6 @@ _OUTPUT = flags.DEFINE_string(
   "output", None, "Also write the results here (JSON)."
 )
 
-_WAYS = 5
 _UNTIMED = 5
 # The inputs of adapt_and_predict, in the order of its callable's arguments.
 _NAMES = ("support_images", "support_labels", "query_images")
@@ -110,27 +112,27 @@ def _cases(callables, tasks, count):
   """The timed cases (see the top): list of `_case` dicts."""
   adapt_and_predict, adapt, predict = callables
   cases = []
-  for shots, task in tasks.items():
+  for (ways, shots), task in tasks.items():
     queries = len(task["query_images"])
     cases.append(
       _case(
-        f"adapt_and_predict {_WAYS}-way {shots}-shot, {queries} queries",
+        f"adapt_and_predict {ways}-way {shots}-shot, {queries} queries",
         adapt_and_predict,
         [task[key] for key in _NAMES],
         count,
       )
     )
-  for shots, task in tasks.items():
+  for (ways, shots), task in tasks.items():
     cases.append(
       _case(
-        f"adapt {_WAYS}-way {shots}-shot",
+        f"adapt {ways}-way {shots}-shot",
         adapt,
         [task[key] for key in _NAMES[:2]],
         count,
       )
     )
-  weights = adapt(*[tasks[5][key] for key in _NAMES[:2]])["weights"]
-  queries = tasks[5]["query_images"]
+  weights = adapt(*[tasks[5, 5][key] for key in _NAMES[:2]])["weights"]
+  queries = tasks[5, 5]["query_images"]
   cases.append(
     _case(
       f"predict, {len(queries)} queries", predict, [queries, weights], count
@@ -147,22 +149,25 @@ def run(export_dir, count):
     count: timed requests per case.
 
   Returns:
-    dict: export_dir, size_mb, warmup_size_mb, load_s, first_request_ms,
-    warmup_replay_s, and cases: list of dicts (case, p50_ms, p99_ms,
-    mean_ms, requests).
+    dict: matmul_peak_gflops, export_dir, size_mb, warmup_size_mb, load_s,
+    first_request_ms, warmup_replay_s, and cases: list of dicts (case,
+    p50_ms, p99_ms, mean_ms, requests).
   """
-  example_shape = saved_model.read_metadata(export_dir)["example_shape"]
+  peak = machine.matmul_peak_gflops()
+  metadata = saved_model.read_metadata(export_dir)
+  example_shape = metadata["example_shape"]
+  shapes = [(5, 1), (5, 5)] + ([(20, 1)] if metadata["tie_init_rows"] else [])
   start = time.perf_counter()
   served = session.SessionModel(export_dir)
   load_s = time.perf_counter() - start
 
   callables = _callables(served)
   tasks = {
-    shots: warmup.task(example_shape, _WAYS, shots, seed=100 + shots)
-    for shots in (1, 5)
+    (ways, shots): warmup.task(example_shape, ways, shots, seed=100 + shots)
+    for ways, shots in shapes
   }
   start = time.perf_counter()
-  callables[0](*[tasks[1][key] for key in _NAMES])
+  callables[0](*[tasks[5, 1][key] for key in _NAMES])
   first_request_ms = 1e3 * (time.perf_counter() - start)
 
   start = time.perf_counter()
@@ -172,6 +177,7 @@ def run(export_dir, count):
 
   cases = _cases(callables, tasks, count)
   return {
+    "matmul_peak_gflops": peak,
     "export_dir": export_dir,
     "size_mb": _size_mb(export_dir),
     "warmup_size_mb": os.path.getsize(warmup.path(export_dir)) / 2**20,
@@ -198,7 +204,8 @@ def _table(results):
     f"{results['first_request_ms']:.0f} ms; warmup replay "
     f"{results['warmup_replay_s']:.2f} s; "
     f"{results['cases'][0]['requests']} timed requests per case, "
-    f"{results['cpu_count']} CPUs.",
+    f"{results['cpu_count']} CPUs; float32 matmul peak "
+    f"{results['matmul_peak_gflops']:.0f} GFLOP/s.",
   ]
   return "\n".join(lines)
 

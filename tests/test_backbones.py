@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from comln_tf import backbones
 
@@ -171,6 +172,48 @@ def test_task_batch_norm_matches_numpy():
     np.testing.assert_allclose(
       _embed(layer, x, training), expected, rtol=1e-5, atol=1e-5
     )
+  # One task at a time (the fused kernel) gives the same.
+  for task in range(3):
+    np.testing.assert_allclose(
+      _embed(layer, x[task : task + 1]), expected[task : task + 1], atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("tasks", [1, 3])
+def test_task_batch_norm_gradients_match_the_closed_form(tasks):
+  # One task takes the fused kernel, several the separate operations.
+  x = 3.0 * _images(tasks, 6, 5, 5, 2) + 1.0
+  weights = _images(*x.shape, seed=1) - 0.5  # loss = sum(weights * y)
+  layer = backbones.TaskBatchNormalization(epsilon=1e-3)
+  layer.build(x.shape)
+  gamma = np.array([0.5, -2.0], np.float32)
+  layer.set_weights([gamma, np.array([1.0, -1.0], np.float32)])
+  inputs = tf.constant(x)
+  with tf.GradientTape() as tape:
+    tape.watch(inputs)
+    loss = tf.reduce_sum(weights * layer(inputs))
+  grads = tape.gradient(loss, [inputs, layer.gamma, layer.beta])
+  # y = gamma x_hat + beta, x_hat = (x - mean) / sigma over each task's
+  # images and positions: dL/dx = gamma / sigma (w - mean(w) - x_hat
+  # mean(w x_hat)).
+  x64, w64 = x.astype(np.float64), weights.astype(np.float64)
+  axes = (1, 2, 3)
+  sigma = np.sqrt(x64.var(axis=axes, keepdims=True) + 1e-3)
+  x_hat = (x64 - x64.mean(axis=axes, keepdims=True)) / sigma
+  expected_x = (
+    gamma
+    / sigma
+    * (
+      w64
+      - w64.mean(axis=axes, keepdims=True)
+      - x_hat * (w64 * x_hat).mean(axis=axes, keepdims=True)
+    )
+  )
+  np.testing.assert_allclose(grads[0], expected_x, rtol=1e-3, atol=1e-4)
+  np.testing.assert_allclose(
+    grads[1], (w64 * x_hat).sum(axis=(0, 1, 2, 3)), rtol=1e-4, atol=1e-4
+  )
+  np.testing.assert_allclose(grads[2], w64.sum(axis=(0, 1, 2, 3)), rtol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ import functools
 from typing import NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 import tensorflow as tf
 
 
@@ -59,7 +60,15 @@ class ClassSet:
       )
 
   @classmethod
-  def from_labels(cls, images, labels, *, dataset, split, groups=None):
+  def from_labels(
+    cls,
+    images: np.ndarray,
+    labels: npt.ArrayLike,
+    *,
+    dataset: str,
+    split: str,
+    groups: npt.ArrayLike | None = None,
+  ) -> "ClassSet":
     """Groups examples by label.
 
     Classes are ordered by sorted label; examples keep their order within
@@ -105,7 +114,9 @@ class ClassSet:
       class_groups,
     )
 
-  def group_ids(self, min_classes=1):
+  def group_ids(
+    self, min_classes: int = 1
+  ) -> tuple[tuple[str, ...], np.ndarray]:
     """Which classes form each group of at least `min_classes` classes.
 
     Args:
@@ -136,25 +147,25 @@ class ClassSet:
     )
 
   @property
-  def num_classes(self):
+  def num_classes(self) -> int:
     """Number of classes."""
     return len(self.class_names)
 
   @property
-  def counts(self):
+  def counts(self) -> np.ndarray:
     """int64 [num_classes]: number of examples of each class."""
     return np.diff(self.offsets)
 
   @property
-  def example_shape(self):
+  def example_shape(self) -> tuple[int, ...]:
     """Shape of one example: (H, W, C) for images, (d,) for features."""
     return self.images.shape[1:]
 
-  def class_examples(self, c):
+  def class_examples(self, c: int) -> np.ndarray:
     """The examples of class `c`: [counts[c], *example_shape]."""
     return self.images[self.offsets[c] : self.offsets[c + 1]]
 
-  def merged_with(self, other, split):
+  def merged_with(self, other: "ClassSet", split: str) -> "ClassSet":
     """This set's classes, then `other`'s, as one set named `split`.
 
     Args:
@@ -199,7 +210,7 @@ class ClassSet:
       groups,
     )
 
-  def check_square_images(self, option):
+  def check_square_images(self, option: str) -> None:
     """Raises ValueError unless the examples are square images [H, H, C].
 
     Args:
@@ -213,7 +224,7 @@ class ClassSet:
         f"shape {shape}"
       )
 
-  def with_rotations(self):
+  def with_rotations(self) -> "ClassSet":
     """Adds 90, 180 and 270 degree rotations of every class as new classes.
 
     Class `r * num_classes + c` of the result is class `c` rotated by
@@ -249,7 +260,7 @@ class ClassSet:
     )
 
   @functools.cached_property
-  def tensors(self):
+  def tensors(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """(images, offsets, counts) as CPU tensors, made once per set.
 
     Input pipelines capture these instead of converting the arrays again

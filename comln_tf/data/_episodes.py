@@ -70,7 +70,7 @@ class AffineDistortion:
       )
 
   @property
-  def active(self):
+  def active(self) -> bool:
     """Whether any distortion is applied."""
     return any(
       getattr(self, field.name) > 0 for field in dataclasses.fields(self)

@@ -12,6 +12,7 @@ import logging
 import os
 import pathlib
 import pickle
+from typing import Any
 import zipfile
 
 import numpy as np
@@ -815,7 +816,7 @@ _SOURCES = {
 }
 
 
-def available_sources():
+def available_sources() -> tuple[str, ...]:
   """Names of the data sources `load_splits` knows, sorted."""
   return tuple(sorted(_SOURCES))
 
@@ -827,7 +828,7 @@ def load_splits(
   *,
   rotations: bool = False,
   train_on_validation: bool = False,
-  **options,
+  **options: Any,
 ) -> Splits:
   """Loads the disjoint train, validation and test classes of a dataset.
 

@@ -10,7 +10,15 @@ def _static_dim(tensor, axis):
   return tensor.shape[axis] if tensor.shape.rank is not None else None
 
 
-def check_equal_dims(name_a, tensor_a, axis_a, name_b, tensor_b, axis_b, what):
+def check_equal_dims(
+  name_a: str,
+  tensor_a: tf.Tensor,
+  axis_a: int,
+  name_b: str,
+  tensor_b: tf.Tensor,
+  axis_b: int,
+  what: str,
+) -> list[tf.Operation | None]:
   """Static check where both sizes are known, runtime assertion otherwise."""
   a, b = _static_dim(tensor_a, axis_a), _static_dim(tensor_b, axis_b)
   message = (
@@ -81,7 +89,12 @@ def _label_distributions(support_labels, num_classes, dtype, rank):
   )
 
 
-def as_tensors(init_weights, support_embeddings, support_labels, t_final):
+def as_tensors(
+  init_weights: tf.Tensor,
+  support_embeddings: tf.Tensor,
+  support_labels: tf.Tensor,
+  t_final: float | tf.Tensor,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
   """The inputs of `adapt` as tensors, their dtypes and ranks checked.
 
   Returns:
@@ -172,7 +185,12 @@ def _shape_checks(init_weights, support_embeddings, labels):
   return checks
 
 
-def checked(init_weights, support_embeddings, support_labels, t_final):
+def checked(
+  init_weights: tf.Tensor,
+  support_embeddings: tf.Tensor,
+  support_labels: tf.Tensor,
+  t_final: tf.Tensor,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
   """The inputs' values checked at run time, and the labels as distributions.
 
   Args:
@@ -225,7 +243,9 @@ def checked(init_weights, support_embeddings, support_labels, t_final):
   return support_embeddings, labels, valid & finite & positive_time & sizes_ok
 
 
-def with_one_neutral_if_empty(support_embeddings, labels, axis):
+def with_one_neutral_if_empty(
+  support_embeddings: tf.Tensor, labels: tf.Tensor, axis: int
+) -> tuple[tf.Tensor, tf.Tensor]:
   """(X [B, M, d], Y [B, M, N]) with one neutral entry appended along
   `axis` (0: a task, 1: an example) when that axis is empty.
 
@@ -267,7 +287,9 @@ def _check_static_sizes(init_weights, support_embeddings, t_final):
     raise ValueError(f"t_final must be finite and > 0, got {float(value)}.")
 
 
-def check_task_labels(support_labels, num_ways):
+def check_task_labels(
+  support_labels: tf.Tensor, num_ways: int | tf.Tensor
+) -> list[tf.Operation | None]:
   """Runtime checks that integer labels form tasks of `num_ways` classes.
 
   For classifiers whose number of classes comes from the labels (tied

@@ -39,7 +39,7 @@ import tensorflow as tf
 _SMALL_PRODUCT = 256
 
 
-def gram_matmul(gram, x):
+def gram_matmul(gram: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
   """G @ x for a batch of small Gram matrices: [B, M, M] x [B, M, C].
 
   XLA's CPU backend runs tiny batched dots through a generic loop, while
@@ -65,7 +65,9 @@ def gram_matmul(gram, x):
   return tf.matmul(gram, x)
 
 
-def reduced_vector_field(s, logits0, gram, labels):
+def reduced_vector_field(
+  s: tf.Tensor, logits0: tf.Tensor, gram: tf.Tensor, labels: tf.Tensor
+) -> tf.Tensor:
   """ds/dt of the support gradient flow in reduced coordinates.
 
   The one definition of the inner problem: the gradient of the mean support
@@ -86,7 +88,7 @@ def reduced_vector_field(s, logits0, gram, labels):
   return residual(tf.nn.softmax(logits, axis=-1), labels) / num_examples
 
 
-def residual(probs, labels):
+def residual(probs: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
   """P - Y row by row, with each row summing to zero as it should.
 
   Both P and Y sum to 1 over classes, so P - Y sums to 0: the flow never
@@ -113,7 +115,7 @@ def residual(probs, labels):
   return others - top * tf.reduce_sum(others, axis=-1, keepdims=True)
 
 
-def gram_directions(num_examples):
+def gram_directions(num_examples: int | tf.Tensor) -> tf.Tensor:
   """Indices (m, j), m <= j, of the symmetric G directions: int32 [K_G, 2]."""
   upper = tf.linalg.band_part(tf.ones([num_examples, num_examples]), 0, -1)
   return tf.cast(tf.where(upper > 0), tf.int32)
@@ -267,14 +269,16 @@ TANGENT_FIELDS = {
 }
 
 
-def num_directions(num_examples, num_classes):
+def num_directions(
+  num_examples: int | tf.Tensor, num_classes: int | tf.Tensor
+) -> int | tf.Tensor:
   """K = M (N - 1) + M (M + 1) / 2, the sensitivity directions per task."""
   return (
     num_examples * (num_classes - 1) + num_examples * (num_examples + 1) // 2
   )
 
 
-def drop_last_class(tangents):
+def drop_last_class(tangents: tf.Tensor) -> tf.Tensor:
   """[..., N] -> [..., N - 1]: the class axis without its last entry.
 
   Every tangent sums to zero over classes at all times: it starts at zero,
@@ -286,14 +290,16 @@ def drop_last_class(tangents):
   return tangents[..., :-1]
 
 
-def restore_last_class(tangents):
+def restore_last_class(tangents: tf.Tensor) -> tf.Tensor:
   """[..., N - 1] -> [..., N], the last class minus the sum of the others."""
   return tf.concat(
     [tangents, -tf.reduce_sum(tangents, -1, keepdims=True)], axis=-1
   )
 
 
-def contract_sensitivities(tangents, cotangent_s):
+def contract_sensitivities(
+  tangents: tf.Tensor, cotangent_s: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
   """Turns sensitivities and dL/ds(T) into dL/dL0 and dL/dG.
 
   Args:

@@ -23,6 +23,7 @@ import glob
 import logging
 import os
 import re
+from typing import Any
 
 import ml_collections
 import tensorflow as tf
@@ -55,7 +56,7 @@ class DiskFullError(RuntimeError):
   """A checkpoint could not be written: no space left on its device."""
 
 
-def make_checkpoint(model: COMLN, **objects) -> tf.train.Checkpoint:
+def make_checkpoint(model: COMLN, **objects: Any) -> tf.train.Checkpoint:
   """The tf.train.Checkpoint that training writes and restoring reads.
 
   Holds `model`, the flat list of the model's variables, and `objects`

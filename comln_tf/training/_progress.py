@@ -6,7 +6,7 @@ after each step, so that it saves the step's checkpoint before it exits
 (`Preempted`).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 import datetime
 import logging
 import os
@@ -90,7 +90,7 @@ class Monitor:
     self._steady_steps, self._steady_time = 0, 0.0
     self.logs: dict[str, float] = {}
 
-  def run_step(self, train_step: Callable, iterator) -> None:
+  def run_step(self, train_step: Callable, iterator: Iterator) -> None:
     """Runs one training step, timing it."""
     begin = time.perf_counter()
     train_step(iterator)

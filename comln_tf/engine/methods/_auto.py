@@ -24,7 +24,10 @@ class Auto(_method.GradientMethod):
   name = "auto"
 
   def resolve(
-    self, num_examples, num_classes, solver: _solver.Solver
+    self,
+    num_examples: int | None,
+    num_classes: int | None,
+    solver: _solver.Solver,
   ) -> _method.GradientMethod:
     """The method `Auto` runs for M examples and N classes (ints or None)."""
     del num_examples, num_classes  # The same choice at every shape.

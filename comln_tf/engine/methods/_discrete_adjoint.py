@@ -517,7 +517,12 @@ class DiscreteAdjoint(_method.GradientMethod):
         f"got {self.checkpoints!r}."
       )
 
-  def num_slots(self, num_examples, num_classes, dtype) -> int:
+  def num_slots(
+    self,
+    num_examples: int | None,
+    num_classes: int | None,
+    dtype: tf.DType,
+  ) -> int:
     """Checkpoint slots per task for M examples, N classes (ints or None)."""
     if self.checkpoints is not None:
       return self.checkpoints

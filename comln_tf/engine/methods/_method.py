@@ -15,14 +15,18 @@ from comln_tf.engine import _reduced
 from comln_tf.engine.solvers import _solver
 
 
-def logits_and_gram(init_weights, support_embeddings):
+def logits_and_gram(
+  init_weights: tf.Tensor, support_embeddings: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
   """L0 = X W0^T [B, M, N] and G = X X^T [B, M, M]."""
   logits0 = tf.einsum("bmd,nd->bmn", support_embeddings, init_weights)
   gram = tf.matmul(support_embeddings, support_embeddings, transpose_b=True)
   return logits0, gram
 
 
-def state_error_weight(support_embeddings, gram):
+def state_error_weight(
+  support_embeddings: tf.Tensor, gram: tf.Tensor
+) -> tf.Tensor:
   """How much an error of the reduced state s can weigh in W: [B], >= 1.
 
   W = W0 - s^T X, so an error e of s [M, N] is the error -e^T X of the
@@ -52,24 +56,26 @@ def state_error_weight(support_embeddings, gram):
   )
 
 
-def weights_from_state(init_weights, support_embeddings, s):
+def weights_from_state(
+  init_weights: tf.Tensor, support_embeddings: tf.Tensor, s: tf.Tensor
+) -> tf.Tensor:
   """W = W0 - s^T X: [B, N, d]."""
   return init_weights[None] - tf.matmul(s, support_embeddings, transpose_a=True)
 
 
 def vjp(
-  init_weights,
-  support_embeddings,
-  logits0,
-  gram,
-  labels,
-  t_final,
-  s_final,
-  d_weights,
-  d_state,
-  d_logits0,
-  d_gram_sym,
-):
+  init_weights: tf.Tensor,
+  support_embeddings: tf.Tensor,
+  logits0: tf.Tensor,
+  gram: tf.Tensor,
+  labels: tf.Tensor,
+  t_final: tf.Tensor,
+  s_final: tf.Tensor,
+  d_weights: tf.Tensor,
+  d_state: tf.Tensor,
+  d_logits0: tf.Tensor,
+  d_gram_sym: tf.Tensor,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
   """Gradients of the loss with respect to (W0, X, t_final).
 
   Given dL/dW(T), dL/ds(T), dL/dL0 and dL/dG + (dL/dG)^T (the latter two
@@ -101,7 +107,9 @@ def vjp(
   return d_init, d_support, tf.reshape(d_time, tf.shape(t_final))
 
 
-def state_cotangent(support_embeddings, d_weights):
+def state_cotangent(
+  support_embeddings: tf.Tensor, d_weights: tf.Tensor
+) -> tf.Tensor:
   """dL/ds(T) = -X dL/dW(T)^T: [B, M, N]."""
   return -tf.matmul(support_embeddings, d_weights, transpose_b=True)
 
@@ -133,7 +141,7 @@ class GradientMethod:
     raise NotImplementedError
 
 
-def unwatched(*tensors):
+def unwatched(*tensors: tf.Tensor) -> list[tf.Tensor]:
   """The tensors, cut from any tape, for the body of a tf.custom_gradient.
 
   In eager mode a `tf.custom_gradient` function runs with the caller's
@@ -146,12 +154,14 @@ def unwatched(*tensors):
   return [tf.stop_gradient(t) for t in tensors]
 
 
-def zero_state(support_embeddings, labels):
+def zero_state(support_embeddings: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
   """s(0) = 0: [B, M, N], of the embeddings' dtype."""
   return tf.zeros(tf.shape(labels), support_embeddings.dtype)
 
 
-def probe_direction(logits0, gram):
+def probe_direction(
+  logits0: tf.Tensor, gram: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
   """A fixed pseudo-random direction (dL0 [M, N], dG [M, M]), every task's.
 
   Entries are standard normal (dG symmetrised), divided by sqrt(K), the
@@ -189,7 +199,7 @@ def probe_direction(logits0, gram):
   return d_logits0 * scale, d_gram * scale
 
 
-def poison_unless(ok, value):
+def poison_unless(ok: tf.Tensor, value: tf.Tensor) -> tf.Tensor:
   """`value` where `ok`, NaN otherwise: a failed solve never looks valid.
 
   Needed under XLA, which compiles away `tf.debugging` assertions.

@@ -84,7 +84,13 @@ class Dopri5(_solver.Solver):
       return tf.nest.map_structure(leaf_scale, y)
     return tf.nest.map_structure(leaf_scale, y, y_other)
 
-  def error_norm(self, error, y, y_new, error_weight=None):
+  def error_norm(
+    self,
+    error: _solver.Nest,
+    y: _solver.Nest,
+    y_new: _solver.Nest,
+    error_weight: tf.Tensor | None = None,
+  ) -> tf.Tensor:
     """Per task, the error measure that accepts a step when <= 1: [B].
 
     The largest over the state's tensors of the RMS of
@@ -108,14 +114,21 @@ class Dopri5(_solver.Solver):
     )
 
   @staticmethod
-  def step_factor(error_norm, accept):
+  def step_factor(error_norm: tf.Tensor, accept: tf.Tensor) -> tf.Tensor:
     """The next step size over the one tried: [B], at most 1 if rejected."""
     factor = tf.clip_by_value(
       0.9 * tf.maximum(error_norm, 1e-10) ** -0.2, 0.2, 10.0
     )
     return tf.where(accept, factor, tf.minimum(factor, 1.0))
 
-  def initial_step(self, vector_field, y0, f0, t_final, error_weight=None):
+  def initial_step(
+    self,
+    vector_field: _solver.VectorField,
+    y0: _solver.Nest,
+    f0: _solver.Nest,
+    t_final: tf.Tensor,
+    error_weight: tf.Tensor | None = None,
+  ) -> tuple[tf.Tensor, tf.Tensor]:
     """Hairer, Norsett & Wanner (1993), II.4: a first step from two evals.
 
     One change to their rule: it takes min(100 h0, h1), where h0 = 0.01
@@ -168,7 +181,17 @@ class Dopri5(_solver.Solver):
     h = tf.where(zero_state, h1, tf.minimum(100.0 * h0, h1))
     return tf.minimum(h, t_final), tf.where(all_zero, 0, 1)
 
-  def attempt(self, vector_field, t_final, error_weight, t, h, y, k1, running):
+  def attempt(
+    self,
+    vector_field: _solver.VectorField,
+    t_final: tf.Tensor,
+    error_weight: tf.Tensor | None,
+    t: tf.Tensor,
+    h: tf.Tensor,
+    y: _solver.Nest,
+    k1: _solver.Nest,
+    running: tf.Tensor,
+  ) -> StepAttempt:
     """One step attempt for the tasks that are `running` [B].
 
     The step control of `integrate`, shared with the discrete adjoint's
@@ -215,7 +238,14 @@ class Dopri5(_solver.Solver):
       stages=ks,
     )
 
-  def integrate(self, vector_field, y0, t_final, max_steps, error_weight=None):
+  def integrate(
+    self,
+    vector_field: _solver.VectorField,
+    y0: _solver.Nest,
+    t_final: tf.Tensor,
+    max_steps: int,
+    error_weight: tf.Tensor | None = None,
+  ) -> tuple[_solver.Nest, _solver.SolveStats]:
     """See `Solver.integrate`."""
     leaf0 = tf.nest.flatten(y0)[0]
     dtype = leaf0.dtype

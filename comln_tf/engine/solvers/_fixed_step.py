@@ -17,7 +17,14 @@ class FixedStep(_solver.Solver):
   _A: ClassVar[tuple[tuple[float, ...], ...]] = ()
   _B: ClassVar[tuple[float, ...]] = ()
 
-  def integrate(self, vector_field, y0, t_final, max_steps, error_weight=None):
+  def integrate(
+    self,
+    vector_field: _solver.VectorField,
+    y0: _solver.Nest,
+    t_final: tf.Tensor,
+    max_steps: int,
+    error_weight: tf.Tensor | None = None,
+  ) -> tuple[_solver.Nest, _solver.SolveStats]:
     """See `Solver.integrate`; no step control, so no error_weight."""
     del error_weight  # No step control.
     leaf0 = tf.nest.flatten(y0)[0]

@@ -13,12 +13,18 @@ The loops are plain TensorFlow control flow: they run eagerly, inside
 always set because XLA needs it to differentiate a while loop.
 """
 
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TYPE_CHECKING
 
 import tensorflow as tf
 
+if TYPE_CHECKING:
+  # Only for annotations: the methods import this module.
+  from comln_tf.engine.methods import _method
+
 VectorField = Callable[[object], object]
+# A state: a nest (tuple/list/dict) of tensors [B, ...], as tf.nest takes.
+Nest = Any
 
 
 class SolveStats(NamedTuple):
@@ -41,7 +47,7 @@ class SolveStats(NamedTuple):
   num_jacobian_evals: tf.Tensor = 0
 
 
-def per_task(value, leaf):
+def per_task(value: tf.Tensor, leaf: tf.Tensor) -> tf.Tensor:
   """Reshapes a per-task vector [B] so that it broadcasts against `leaf`."""
   shape = tf.concat(
     [tf.shape(value), tf.ones([tf.rank(leaf) - 1], tf.int32)], axis=0
@@ -49,7 +55,9 @@ def per_task(value, leaf):
   return tf.reshape(value, shape)
 
 
-def evaluated_once(vector_field, y, condition):
+def evaluated_once(
+  vector_field: VectorField, y: Nest, condition: tf.Tensor
+) -> Nest:
   """vector_field(y), computed once and stored, when `condition` holds.
 
   XLA fuses the elementwise tail of a stage's vector field into every
@@ -77,7 +85,9 @@ def evaluated_once(vector_field, y, condition):
   )
 
 
-def combine(y, h, coefficients, ks):
+def combine(
+  y: Nest, h: tf.Tensor, coefficients: Sequence[float], ks: Sequence[Nest]
+) -> Nest:
   """y + h * sum_j coefficients[j] * ks[j], leaf by leaf (h is per task)."""
 
   def leaf_update(y_leaf, *k_leaves):
@@ -93,7 +103,7 @@ def combine(y, h, coefficients, ks):
   return tf.nest.map_structure(leaf_update, y, *ks)
 
 
-def rms_per_task(nest):
+def rms_per_task(nest: Nest) -> tf.Tensor:
   """Per task, the largest over leaves of the RMS over the leaf: [B].
 
   The maximum, not one RMS over all leaves: the forward method's state is
@@ -115,12 +125,14 @@ def rms_per_task(nest):
   )
 
 
-def as_constant(value, like):
+def as_constant(value: float, like: tf.Tensor) -> tf.Tensor:
   """A Python number as a constant of `like`'s dtype."""
   return tf.constant(value, like.dtype)
 
 
-def where_per_task(condition, when_true, when_false):
+def where_per_task(
+  condition: tf.Tensor, when_true: Nest, when_false: Nest
+) -> Nest:
   """Per task: `when_true` where `condition` [B] holds, else `when_false`."""
   return tf.nest.map_structure(
     lambda a, b: tf.where(per_task(condition, a), a, b), when_true, when_false
@@ -135,11 +147,11 @@ class Solver:
   def integrate(
     self,
     vector_field: VectorField,
-    y0,
+    y0: Nest,
     t_final: tf.Tensor,
     max_steps: int,
     error_weight: tf.Tensor | None = None,
-  ):
+  ) -> tuple[Nest, SolveStats]:
     """Integrates dy/dt = vector_field(y) from 0 to t_final.
 
     Args:
@@ -161,7 +173,9 @@ class Solver:
     """
     raise NotImplementedError
 
-  def gradient_method_for(self, method):
+  def gradient_method_for(
+    self, method: "_method.GradientMethod"
+  ) -> "_method.GradientMethod":
     """The gradient method `adapt` runs with this solver.
 
     The solvers here run every method as given. A solver that computes a

@@ -55,6 +55,7 @@ DormandPrince `_step`, `_max_num_steps`, `_make_adjoint_solver_fn`); the
 tests cover each.
 """
 
+from collections.abc import Callable
 import copy
 import dataclasses
 import functools
@@ -231,7 +232,14 @@ class TFPSolver(_solver.Solver):
   def name(self) -> str:  # type: ignore[override]  # A class attribute above.
     return "tfp_bdf" if self.is_bdf else "tfp_dopri5"
 
-  def integrate(self, vector_field, y0, t_final, max_steps, error_weight=None):
+  def integrate(
+    self,
+    vector_field: _solver.VectorField,
+    y0: _solver.Nest,
+    t_final: tf.Tensor,
+    max_steps: int,
+    error_weight: tf.Tensor | None = None,
+  ) -> tuple[_solver.Nest, _solver.SolveStats]:
     """See `Solver.integrate`. Not meant to be differentiated (see above)."""
     leaf = tf.nest.flatten(y0)[0]
     to_solver, from_solver = _weighted_coordinates(error_weight)
@@ -247,8 +255,14 @@ class TFPSolver(_solver.Solver):
     return from_solver(u_final), _stats(self.ode_solver, results.diagnostics)
 
   def integrate_with_adjoint(
-    self, vector_field, y0, t_final, max_steps, constants, error_weight=None
-  ):
+    self,
+    vector_field: Callable[..., _solver.Nest],
+    y0: _solver.Nest,
+    t_final: tf.Tensor,
+    max_steps: int,
+    constants: dict[str, tf.Tensor],
+    error_weight: tf.Tensor | None = None,
+  ) -> tuple[_solver.Nest, _solver.SolveStats]:
     """Solves with TFP's adjoint gradient for y0 and `constants`.
 
     Args:
@@ -276,7 +290,9 @@ class TFPSolver(_solver.Solver):
     u_final = tf.nest.map_structure(lambda states: states[0], results.states)
     return from_solver(u_final), _stats(self.ode_solver, results.diagnostics)
 
-  def gradient_method_for(self, method):
+  def gradient_method_for(
+    self, method: _method.GradientMethod
+  ) -> _method.GradientMethod:
     """See `Solver.gradient_method_for` and the module docstring."""
     name = getattr(method, "name", None)
     if isinstance(method, TFPAdjoint):
