@@ -30,11 +30,12 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from configs import omniglot_5w1s
 import launch
 from launch import machine
 
 _CONFIG = config_flags.DEFINE_config_file(
-  "config", "configs/omniglot_5w1s.py", "Config file of the workload."
+  "config", None, "Config file of the workload (default: the main job's)."
 )
 _QUERIES = flags.DEFINE_integer(
   "queries", 15, "Queries per class of the workload's episodes.", lower_bound=1
@@ -159,7 +160,10 @@ def main(argv):
   launch.start(argv)
   peak = machine.matmul_peak_gflops()
   config = workload_config(
-    _CONFIG.value, _QUERIES.value, _STEPS.value, _LOG_EVERY.value
+    _CONFIG.value or omniglot_5w1s.get_config(),
+    _QUERIES.value,
+    _STEPS.value,
+    _LOG_EVERY.value,
   )
   from comln_tf import training  # pylint: disable=g-import-not-at-top
 
