@@ -19,6 +19,8 @@ CPU, XLA buffers included) belongs to that case alone. TensorFlow keeps
 allocator statistics on CPU only with its BFC allocator, which the case
 processes select with TF_CPU_ALLOCATOR_USE_BFC=true.
 
+The machine's float32 matmul peak is measured first, in the parent process.
+
 Usage:
   python -m launch.benchmark                    # the whole table
   python -m launch.benchmark --methods=plain,discrete_adjoint --ways=20 \
@@ -34,6 +36,7 @@ from absl import app
 from absl import flags
 
 import launch
+from launch import machine
 from launch import workloads
 
 _METHODS = flags.DEFINE_list(
@@ -203,6 +206,7 @@ def main(argv):
   if _CASE.value:
     print(json.dumps(run_case(json.loads(_CASE.value))))
     return
+  peak = machine.matmul_peak_gflops()
   results = []
   for ways in _WAYS.value:
     for shots in _SHOTS.value:
@@ -245,6 +249,9 @@ def main(argv):
           )
   print()
   print(format_table(results))
+  print(
+    f"\nfloat32 matmul peak, measured before the cases: {peak:.1f} GFLOP/s."
+  )
   if _OUTPUT.value:
     with open(_OUTPUT.value, "w") as f:
       json.dump(results, f, indent=1)

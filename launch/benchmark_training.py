@@ -74,34 +74,6 @@ def workload_config(config, queries, steps, log_every):
   )
 
 
-def backbone_flops(backbone, example_shape):
-  """Multiply-adds x 2 of the backbone's convolutions and matmuls on one
-  image, forward, counted from its traced graph."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  spec = tf.TensorSpec([1, 1, *example_shape], tf.float32)
-  graph = (
-    tf.function(lambda x: backbone(x, training=True))
-    .get_concrete_function(spec)
-    .graph
-  )
-  flops = 0
-  for op in graph.get_operations():
-    if op.type == "Conv2D":
-      filter_shape = op.inputs[1].shape.as_list()
-      flops += (
-        2 * np.prod(op.outputs[0].shape.as_list()) * np.prod(filter_shape[:3])
-      )
-    elif op.type in ("MatMul", "BatchMatMulV2"):
-      flops += (
-        2
-        * np.prod(op.outputs[0].shape.as_list())
-        * (op.inputs[0].shape.as_list()[-1])
-      )
-  return int(flops)
-
-
 def backbone_step_seconds(config, repeats):
   """Median seconds of the backbone's training step on one meta-batch."""
   import keras  # pylint: disable=g-import-not-at-top
@@ -172,7 +144,7 @@ def main(argv):
   data = config.data
   images_per_episode = data.ways * (data.shots + data.queries)
   backbone, seconds = backbone_step_seconds(config, _REPEATS.value)
-  train_flops = 3 * backbone_flops(backbone, example_shape)
+  train_flops = 3 * machine.backbone_flops(backbone, example_shape)
   per_episode = train_flops * images_per_episode
   backbone_episodes = data.meta_batch_size / seconds
   episodes, times = meta_training(config)

@@ -1,7 +1,7 @@
-"""Tests of launch/benchmark_training.py: the arithmetic it counts."""
+"""Tests of launch/machine.py: the arithmetic a benchmark counts."""
 
 from comln_tf import backbones
-from launch import benchmark_training
+from launch import machine
 
 
 def test_backbone_flops_of_conv4_match_the_closed_form():
@@ -12,7 +12,7 @@ def test_backbone_flops_of_conv4_match_the_closed_form():
     for width, channels_in in ((28, 1), (14, 64), (7, 64), (3, 64))
   )
   backbone = backbones.get_backbone("conv4")
-  assert benchmark_training.backbone_flops(backbone, [28, 28, 1]) == expected
+  assert machine.backbone_flops(backbone, [28, 28, 1]) == expected
 
 
 def test_backbone_flops_count_the_stride_2_convolutions_maml_uses():
@@ -24,4 +24,4 @@ def test_backbone_flops_count_the_stride_2_convolutions_maml_uses():
   backbone = backbones.get_backbone(
     "conv4", downsample="stride", global_pool=True
   )
-  assert benchmark_training.backbone_flops(backbone, [28, 28, 1]) == expected
+  assert machine.backbone_flops(backbone, [28, 28, 1]) == expected
