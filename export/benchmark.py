@@ -6,7 +6,9 @@ untimed ones) and reports p50 and p99:
   adapt_and_predict, 5-way 1-shot and 5-way 5-shot, 15 queries per class;
   and 20-way 1-shot if the export takes any number of ways (tied rows);
   adapt alone, same support sets;
-  predict alone, 75 queries (the weights of the 5-way 5-shot adaptation).
+  predict alone, 75 queries (the weights of the 5-way 5-shot adaptation);
+  adapt_and_predict_batch, as many 5-way 1-shot tasks as the export's
+  request limits allow up to 16 (a meta-batch), if the export has it.
 The machine's float32 matmul peak is measured first, in the same process.
 Inputs are uniform random pixels of the export's image shape; the time is
 that of `Session.run` on numpy inputs (no network, no proto decoding),
@@ -100,17 +102,42 @@ def _case(case, function, arrays, count):
 
 
 def _callables(served):
-  """The session callables of the cases: adapt_and_predict, adapt, predict."""
+  """The session callables of the cases: adapt_and_predict, adapt, predict
+  and adapt_and_predict_batch (None if the export has none)."""
+  batch = saved_model.ADAPT_AND_PREDICT_BATCH
   return (
     served.callable("serving_default", _NAMES),
     served.callable("adapt", _NAMES[:2]),
     served.callable("predict", ("query_images", "weights")),
+    served.callable(batch, _NAMES) if batch in served.signatures else None,
+  )
+
+
+def _batch_case(adapt_and_predict_batch, metadata, example_shape, count):
+  """The adapt_and_predict_batch case: B 5-way 1-shot tasks, 75 queries."""
+  task = warmup.task(example_shape, 5, 1)
+  tasks = min(
+    16,
+    metadata["max_serving_support"] // len(task["support_images"]),
+    metadata["max_serving_queries"] // len(task["query_images"]),
+  )
+  batch = [
+    np.stack(
+      [warmup.task(example_shape, 5, 1, seed)[key] for seed in range(tasks)]
+    )
+    for key in _NAMES
+  ]
+  return _case(
+    f"adapt_and_predict_batch, {tasks} tasks 5-way 1-shot, 75 queries each",
+    adapt_and_predict_batch,
+    batch,
+    count,
   )
 
 
 def _cases(callables, tasks, count):
-  """The timed cases (see the top): list of `_case` dicts."""
-  adapt_and_predict, adapt, predict = callables
+  """The timed cases but the batch one (see the top): `_case` dicts."""
+  adapt_and_predict, adapt, predict, _ = callables
   cases = []
   for (ways, shots), task in tasks.items():
     queries = len(task["query_images"])
@@ -176,6 +203,8 @@ def run(export_dir, count):
   warmup_replay_s = time.perf_counter() - start
 
   cases = _cases(callables, tasks, count)
+  if callables[3] is not None:
+    cases.append(_batch_case(callables[3], metadata, example_shape, count))
   return {
     "matmul_peak_gflops": peak,
     "export_dir": export_dir,

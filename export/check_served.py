@@ -1,8 +1,9 @@
 r"""Checks that a SavedModel serves the model `launch.evaluate` evaluates.
 
-Runs the export's adapt_and_predict signature, one task per call as a
-client would, and the Keras model that `launch.evaluate` restores (same run,
-same default checkpoint) on the fixed test episodes of the evaluation
+Runs the export's adapt_and_predict_batch signature (each task served as
+adapt_and_predict serves it alone, many tasks per request) and the Keras
+model that `launch.evaluate` restores (same run, same default checkpoint)
+on the fixed test episodes of the evaluation
 protocol; prints the checkpoint and step of both, the served model's
 accuracy, and how many predicted classes differ. Exits with an error if the
 export comes from another checkpoint, if a prediction differs where the

@@ -5,12 +5,18 @@ one task (a support set and its labels, and queries) and gets the queries'
 predictions, with no Python code of this project on the serving side.
 Loading it needs TensorFlow only.
 
-Signatures (one task per request; M support, Q query, n images, any sizes
->= 1; images float32 [_, H, W, C] with pixels as in training, in [0, 1]):
+Signatures (one task per request but for adapt_and_predict_batch; M
+support, Q query, n images, any sizes >= 1; images float32 [_, H, W, C]
+with pixels as in training, in [0, 1]):
   serving_default, also named adapt_and_predict:
     support_images [M, H, W, C], support_labels int64 [M],
     query_images [Q, H, W, C] -> logits float32 [Q, N],
     probabilities float32 [Q, N], classes int64 [Q].
+  adapt_and_predict_batch: B tasks of one shape in one request (each
+    served as adapt_and_predict serves it alone): support_images
+    [B, M, H, W, C], support_labels int64 [B, M] (every task holding each
+    class 0..N-1), query_images [B, Q, H, W, C] -> logits float32
+    [B, Q, N], probabilities float32 [B, Q, N], classes int64 [B, Q].
   adapt: support_images, support_labels -> weights float32 [N, d], the
     adapted classifier W(T).
   predict: query_images, weights -> logits, probabilities, classes.
@@ -37,7 +43,8 @@ own way (the Python session raises a ValueError before the graph runs).
 Only the rank is fixed by the signature.
 
 A request's work is bounded: it may send at most `max_serving_support`
-support images and `max_serving_queries` query images (`embed`: their sum),
+support images and `max_serving_queries` query images (`embed`: their sum;
+adapt_and_predict_batch: B M and B Q in all),
 its solve runs at most `max_serving_steps` solver steps (all fixed at
 export, in the metadata), and a support set whose flow is far too stiff for
 that budget (estimated from the largest eigenvalue of its embeddings' Gram
@@ -71,11 +78,19 @@ from export import warmup
 _LOG = logging.getLogger(__name__)
 
 ADAPT_AND_PREDICT = "adapt_and_predict"
+ADAPT_AND_PREDICT_BATCH = "adapt_and_predict_batch"
 ADAPT = "adapt"
 PREDICT = "predict"
 EMBED = "embed"
 SERVING_DEFAULT = tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY
-SIGNATURES = (SERVING_DEFAULT, ADAPT_AND_PREDICT, ADAPT, PREDICT, EMBED)
+SIGNATURES = (
+  SERVING_DEFAULT,
+  ADAPT_AND_PREDICT,
+  ADAPT_AND_PREDICT_BATCH,
+  ADAPT,
+  PREDICT,
+  EMBED,
+)
 
 METADATA_FILE = "comln_export.json"
 
@@ -174,41 +189,50 @@ class _Endpoints:
     if not self.tied and self.num_ways is None:
       raise ValueError("A model without tied rows needs num_ways.")
 
-  def _examples_spec(self, name):
+  def _examples_spec(self, name, tasks=False):
     # Rank fixed, every size left open: see the module docstring.
     return tf.TensorSpec(
-      [None] * (1 + len(self.example_shape)), tf.float32, name=name
+      [None] * (1 + tasks + len(self.example_shape)), tf.float32, name=name
     )
 
-  def _checked_examples(self, name, examples, count="n"):
+  def _checked_examples(self, name, examples, count="n", tasks=False):
     """Asserts [count, *example_shape], 1 <= count <= limit, finite values.
 
-    The limit is the input's in `self.limits`, checked before any work
-    that grows with the count. Images must have pixels in [0, 1], as in
-    training: a set scaled otherwise (e.g. [0, 255]) would give wrong
-    answers, not an error, and huge values make the solve stiff.
+    With `tasks`, [B, count, *example_shape] with B >= 1, and the limit
+    holds for all B * count examples of the request. The limit is the
+    input's in `self.limits`, checked before any work that grows with the
+    count. Images must have pixels in [0, 1], as in training: a set scaled
+    otherwise (e.g. [0, 255]) would give wrong answers, not an error, and
+    huge values make the solve stiff.
 
     Returns:
-      float32 [count, *example_shape] with a static example shape.
+      float32 [count, *example_shape] (or [B, count, *example_shape]) with
+      a static example shape.
     """
     shape = tf.shape(examples)
+    lead = 2 if tasks else 1
     limit, setting = self.limits[name]
-    wanted = ", ".join([count] + [str(s) for s in self.example_shape])
+    wanted = ", ".join(
+      (["B"] if tasks else []) + [count] + [str(s) for s in self.example_shape]
+    )
+    in_all = f"{count} x B" if tasks else count
     checks = [
       lambda: _assert(
-        tf.reduce_all(tf.equal(shape[1:], self.example_shape)),
+        tf.reduce_all(tf.equal(shape[lead:], self.example_shape)),
         f"{name} must have shape [{wanted}]; got shape",
         shape,
       ),
       lambda: _assert(
-        shape[0] > 0, f"{name} is empty: send at least one example"
+        tf.reduce_all(shape[:lead] > 0),
+        f"{name} is empty: send at least one example"
+        + (" and one task" if tasks else ""),
       ),
       lambda: _assert(
-        shape[0] <= limit,
+        tf.reduce_prod(shape[:lead]) <= limit,
         f"{name} holds too many examples for one request: at most {limit} "
         f"({setting}, fixed at export); send them in several requests. "
-        f"Got {count} =",
-        shape[0],
+        f"Got {in_all} =",
+        tf.reduce_prod(shape[:lead]),
       ),
       lambda: _assert(
         tf.reduce_all(tf.math.is_finite(examples)),
@@ -226,22 +250,31 @@ class _Endpoints:
         )
       )
     (examples,) = _in_order(checks, examples)
-    return tf.ensure_shape(examples, (None,) + self.example_shape)
+    return tf.ensure_shape(examples, (None,) * lead + self.example_shape)
 
-  def _checked_labels(self, support_labels, num_support):
+  def _checked_labels(self, support_labels, support_images):
     """Asserts labels [M] covering 0..N-1; returns (int32 labels, N).
 
-    N is the number of ways as trained, or max(label) + 1 with tied rows.
+    Labels [B, M] of B tasks (support_images [B, M, ...]) must each cover
+    0..N-1, the same N. N is the number of ways as trained, or max(label)
+    + 1 with tied rows.
     """
     shape = tf.shape(support_labels)
+    images = tf.shape(support_images)[: support_labels.shape.rank]
+    if support_labels.shape.rank == 1:
+      wanted = "[M], M = the number of support_images; got shapes"
+      images, name = images[0], "M ="
+    else:
+      wanted = "[B, M], as support_images [B, M, ...]; got shapes"
+      name = "support_images' [B, M] ="
+    num_support = tf.shape(support_images)[support_labels.shape.rank - 1]
     checks = [
       lambda: _assert(
-        tf.equal(shape[0], num_support),
-        "support_labels must have shape [M], M = the number of "
-        "support_images; got shapes",
+        tf.reduce_all(tf.equal(shape, images)),
+        f"support_labels must have shape {wanted}",
         shape,
-        "and M =",
-        num_support,
+        f"and {name}",
+        images,
       ),
       *self._label_value_checks(support_labels, num_support),
       lambda: self._assert_every_class_present(support_labels),
@@ -300,17 +333,22 @@ class _Endpoints:
   def _assert_every_class_present(self, support_labels):
     """The assert op that each class 0..N-1 has a support example."""
     num_ways = self._ways(support_labels)
+    tasks = support_labels.shape.rank == 2
     counts = tf.math.bincount(
       tf.cast(support_labels, tf.int32),
       minlength=num_ways,
       maxlength=num_ways,
+      axis=-1 if tasks else None,
     )
+    missing = tf.where(tf.equal(counts, 0))
     return _assert(
       tf.reduce_all(counts > 0),
-      "every class 0..N-1 must appear in support_labels; N =",
+      "every class 0..N-1 must appear in support_labels"
+      + (" of every task" if tasks else "")
+      + "; N =",
       num_ways,
-      "missing classes:",
-      tf.where(tf.equal(counts, 0))[:, 0],
+      "missing (task, class):" if tasks else "missing classes:",
+      missing if tasks else missing[:, 0],
     )
 
   def _checked_weights(self, weights):
@@ -355,13 +393,15 @@ class _Endpoints:
     overestimate it.
     """
     embeddings = tf.cast(support_embeddings, tf.float64)
+    # [M, M], or [B, M, M] for B tasks: one eigenvalue per task.
     gram = tf.matmul(embeddings, embeddings, transpose_b=True)
-    vector = tf.ones([tf.shape(gram)[0], 1], tf.float64)
+    vector = tf.ones(tf.concat([tf.shape(gram)[:-1], [1]], 0), tf.float64)
     for _ in range(_POWER_ITERATIONS):
       vector = tf.matmul(gram, vector)
-      vector /= tf.maximum(tf.norm(vector), 1e-300)
-    eigenvalue = tf.reduce_sum(vector * tf.matmul(gram, vector))
-    num_examples = tf.cast(tf.shape(gram)[0], tf.float64)
+      norm = tf.norm(vector, axis=[-2, -1], keepdims=True)
+      vector /= tf.maximum(norm, 1e-300)
+    eigenvalue = tf.reduce_sum(vector * tf.matmul(gram, vector), [-2, -1])
+    num_examples = tf.cast(tf.shape(gram)[-1], tf.float64)
     t_final = tf.cast(self.model.classifier.t_final, tf.float64)
     steps = (
       t_final
@@ -376,7 +416,7 @@ class _Endpoints:
         "not finite): the inputs are far outside the training range",
       ),
       lambda: _assert(
-        steps <= limit,
+        tf.reduce_all(steps <= limit),
         f"support set too stiff to adapt within the serving step budget "
         f"of {self.max_steps} steps fixed at export: the embeddings' Gram "
         f"matrix has largest eigenvalue",
@@ -392,15 +432,27 @@ class _Endpoints:
     return support_embeddings
 
   def _weights(self, support_embeddings, support_labels, num_ways):
-    """Plain solve of the gradient flow (no sensitivities): [N, d]."""
+    """Plain solve of the gradient flow (no sensitivities).
+
+    Args:
+      support_embeddings: float32 [M, d], or [B, M, d] for B tasks.
+      support_labels: int32 [M] or [B, M].
+      num_ways: N.
+
+    Returns:
+      float32 [N, d], or [B, N, d]: each task's W(T) (step control is per
+      task, so a task's weights do not depend on the others).
+    """
     support_embeddings = self._check_stiffness(support_embeddings, num_ways)
-    return self.model.classifier.adapt(
-      support_embeddings[None],
-      support_labels[None],
+    one_task = support_embeddings.shape.rank == 2
+    weights = self.model.classifier.adapt(
+      support_embeddings[None] if one_task else support_embeddings,
+      support_labels[None] if one_task else support_labels,
       training=False,
       num_ways=num_ways if self.tied else None,
       max_steps=self.max_steps,
-    )[0]
+    )
+    return weights[0] if one_task else weights
 
   @staticmethod
   def _outputs(query_embeddings, weights):
@@ -434,7 +486,9 @@ class _Endpoints:
     )
     query_images = self._checked_examples("query_images", query_images, "Q")
     num_support = tf.shape(support_images)[0]
-    support_labels, num_ways = self._checked_labels(support_labels, num_support)
+    support_labels, num_ways = self._checked_labels(
+      support_labels, support_images
+    )
     # Support and queries embedded together, as the Keras model does.
     embeddings = self._embeddings(
       tf.concat([support_images, query_images], axis=0)
@@ -442,13 +496,59 @@ class _Endpoints:
     weights = self._weights(embeddings[:num_support], support_labels, num_ways)
     return self._outputs(embeddings[num_support:], weights)
 
+  def adapt_and_predict_batch(
+    self, support_images, support_labels, query_images
+  ):
+    """B tasks of one shape -> their queries' logits, probabilities, classes.
+
+    Each task as `adapt_and_predict` serves it alone (its images embedded
+    together, its own solve), in one request.
+    """
+    support_images = self._checked_examples(
+      "support_images", support_images, "M", tasks=True
+    )
+    query_images = self._checked_examples(
+      "query_images", query_images, "Q", tasks=True
+    )
+    support_images, query_images = _in_order(
+      [
+        lambda: _assert(
+          tf.equal(tf.shape(support_images)[0], tf.shape(query_images)[0]),
+          "support_images and query_images must hold the same number of "
+          "tasks B; got",
+          tf.shape(support_images)[0],
+          "and",
+          tf.shape(query_images)[0],
+        )
+      ],
+      support_images,
+      query_images,
+    )
+    support_labels, num_ways = self._checked_labels(
+      support_labels, support_images
+    )
+    num_support = tf.shape(support_images)[1]
+    # One task at a time through the backbone, as adapt_and_predict does
+    # (its batch norm normalises each task's images as one set).
+    embeddings = tf.map_fn(
+      self._embeddings,
+      tf.concat([support_images, query_images], axis=1),
+      fn_output_signature=tf.TensorSpec(
+        [None, self.embedding_size], tf.float32
+      ),
+    )
+    weights = self._weights(
+      embeddings[:, :num_support], support_labels, num_ways
+    )
+    return self._outputs(embeddings[:, num_support:], weights)
+
   def adapt(self, support_images, support_labels):
     """A support set -> the adapted weights [N, d]."""
     support_images = self._checked_examples(
       "support_images", support_images, "M"
     )
     support_labels, num_ways = self._checked_labels(
-      support_labels, tf.shape(support_images)[0]
+      support_labels, support_images
     )
     return {
       "weights": self._weights(
@@ -475,6 +575,11 @@ class _Endpoints:
     query = self._examples_spec("query_images")
     return {
       ADAPT_AND_PREDICT: [support, labels, query],
+      ADAPT_AND_PREDICT_BATCH: [
+        self._examples_spec("support_images", tasks=True),
+        tf.TensorSpec([None, None], tf.int64, name="support_labels"),
+        self._examples_spec("query_images", tasks=True),
+      ],
       ADAPT: [support, labels],
       PREDICT: [query, tf.TensorSpec([None, None], tf.float32, name="weights")],
       EMBED: [self._examples_spec("images")],

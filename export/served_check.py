@@ -1,9 +1,11 @@
 """Whether a SavedModel serves the model `launch.evaluate` evaluates.
 
-`compare` runs the export's adapt_and_predict signature, one task per call
-as a client would, and the Keras model that `launch.evaluate` restores (same
-run, same default checkpoint) on the fixed test episodes of the evaluation
-protocol. `export.check_served` is its command line.
+`compare` runs the export's adapt_and_predict_batch signature (each task
+served as adapt_and_predict serves it alone; as many tasks per request as
+the export's request limits and the run's meta-batch allow) and the Keras
+model that `launch.evaluate` restores (same run, same default checkpoint)
+on the fixed test episodes of the evaluation protocol. `export.check_served`
+is its command line.
 """
 
 import logging
@@ -70,16 +72,17 @@ def compare(
   metadata = saved_model.read_metadata(export_dir)
   episodes = _test_episodes(config, ways, shots, queries, seed, num_episodes)
   log("Loading the export %s.", export_dir)
-  serve = tf.saved_model.load(export_dir).signatures[
-    saved_model.ADAPT_AND_PREDICT
-  ]
-  log("Comparing the two on %d test episodes.", num_episodes)
-  served, evaluated, margins, labels = _classify(
-    model,
-    serve,
-    episodes.batch(config.data.meta_batch_size),
+  serve = _batch_signature(export_dir)
+  tasks = _tasks_per_request(
+    metadata, episodes.element_spec, config.data.meta_batch_size
+  )
+  log(
+    "Comparing the two on %d test episodes, %d per request.",
     num_episodes,
-    progress,
+    tasks,
+  )
+  served, evaluated, margins, labels = _classify(
+    model, serve, episodes.batch(tasks), num_episodes, progress
   )
   differ = served != evaluated
   return {
@@ -96,6 +99,46 @@ def compare(
     "disagreements": int(differ.sum()),
     "ties": int((differ & (margins < TIE_MARGIN)).sum()),
   }
+
+
+def _batch_signature(export_dir):
+  """The export's adapt_and_predict_batch signature.
+
+  Raises:
+    training.ConfigError: the export has none (an earlier version's).
+  """
+  signatures = tf.saved_model.load(export_dir).signatures
+  if saved_model.ADAPT_AND_PREDICT_BATCH not in signatures:
+    raise training.ConfigError(
+      f"the export {export_dir} has no "
+      f"{saved_model.ADAPT_AND_PREDICT_BATCH} signature (an earlier "
+      "version's export): export the run again."
+    )
+  return signatures[saved_model.ADAPT_AND_PREDICT_BATCH]
+
+
+def _tasks_per_request(metadata, episode_spec, meta_batch_size):
+  """Tasks per request: the meta-batch size, within the export's limits.
+
+  Args:
+    metadata: the export's metadata (its max_serving_support and
+      max_serving_queries bound the images of a request in all).
+    episode_spec: element_spec of one episode (static M and Q).
+    meta_batch_size: the run's meta-batch size.
+
+  Returns:
+    int >= 1.
+  """
+  support = episode_spec["support_images"].shape[0]
+  queries = episode_spec["query_images"].shape[0]
+  return max(
+    1,
+    min(
+      meta_batch_size,
+      metadata["max_serving_support"] // support,
+      metadata["max_serving_queries"] // queries,
+    ),
+  )
 
 
 def _test_episodes(config, ways, shots, queries, seed, num_episodes):
@@ -135,7 +178,7 @@ def _classify(model, serve, batches, num_episodes, progress):
 
   Args:
     model: launch.evaluate's Keras model.
-    serve: the export's adapt_and_predict signature.
+    serve: the export's adapt_and_predict_batch signature.
     batches: tf.data.Dataset of batches of episodes.
     num_episodes: the number of episodes in all.
     progress: whether to log progress lines.
@@ -151,37 +194,36 @@ def _classify(model, serve, batches, num_episodes, progress):
   progress_log = evaluation.ProgressLog(
     "Served check", num_episodes, enabled=progress
   )
+  # Compiled, as launch.evaluate runs the model.
+  evaluate = tf.function(
+    lambda batch: model(batch, training=False), reduce_retracing=True
+  )
   served, evaluated, margins, labels = [], [], [], []
+  done = 0
   for batch in batches:
-    logits = model(batch, training=False).numpy()
-    done = len(served)
+    logits = evaluate(batch).numpy()
     _check_finite("launch.evaluate's model", logits, done, num_episodes)
     evaluated.append(logits.argmax(-1))
     top2 = np.sort(logits, axis=-1)[..., -2:]
     margins.append(top2[..., 1] - top2[..., 0])
     labels.append(batch["query_labels"].numpy())
-    for i in range(logits.shape[0]):
-      served.append(_serve_task(serve, batch, i, done + i, num_episodes))
-    progress_log.update(np.mean(np.stack(served[done:]) == labels[-1], axis=1))
+    outputs = serve(
+      support_images=batch["support_images"],
+      support_labels=tf.cast(batch["support_labels"], tf.int64),
+      query_images=batch["query_images"],
+    )
+    _check_finite(
+      "The served model", outputs["logits"].numpy(), done, num_episodes
+    )
+    served.append(outputs["classes"].numpy())
+    done += len(logits)
+    progress_log.update(np.mean(served[-1] == labels[-1], axis=1))
   return (
-    np.stack(served),
+    np.concatenate(served),
     np.concatenate(evaluated),
     np.concatenate(margins),
     np.concatenate(labels),
   )
-
-
-def _serve_task(serve, batch, i, episode, num_episodes):
-  """The served classes of task i of a batch, episode `episode` in all."""
-  outputs = serve(
-    support_images=batch["support_images"][i],
-    support_labels=tf.cast(batch["support_labels"][i], tf.int64),
-    query_images=batch["query_images"][i],
-  )
-  _check_finite(
-    "The served model", outputs["logits"].numpy()[None], episode, num_episodes
-  )
-  return outputs["classes"].numpy()
 
 
 def _check_finite(whose, logits, first_episode, num_episodes):

@@ -76,8 +76,8 @@ def requests(
     model_name: the name the model is served under.
 
   Returns:
-    list of PredictRequest: serving_default, adapt, predict and embed for
-    each task.
+    list of PredictRequest: serving_default, adapt_and_predict_batch (the
+    task alone), adapt, predict and embed for each task.
   """
   cases = [(ways, 1), (ways, 5)] + ([(3, 1)] if tied else [])
   result = []
@@ -85,8 +85,11 @@ def requests(
     inputs = task(example_shape, n, shots, seed)
     support = {key: inputs[key] for key in ("support_images", "support_labels")}
     weights = adapt(inputs["support_images"], inputs["support_labels"])
+    # The batch signature on this one task: B = 1 stays within the limits.
+    batch = {key: value[None] for key, value in inputs.items()}
     result += [
       predict_request("serving_default", inputs, model_name),
+      predict_request("adapt_and_predict_batch", batch, model_name),
       predict_request("adapt", support, model_name),
       predict_request(
         "predict",

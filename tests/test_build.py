@@ -581,6 +581,7 @@ def generate_build(root=REPO):
       extra = {
         "tests/test_build.py": [":sources"],
         "tests/test_pretrained.py": [":pretrained"],
+        "tests/test_export_classify.py": [":pretrained"],
       }.get(path, [])
       rules.append(
         f'py_test(\n    name = "{name}",\n    size = "large",\n'

@@ -29,30 +29,34 @@ def omniglot_test():
 
 
 class _FakeServed:
-  """Stands in for a loaded export: adapt_and_predict gives seeded logits.
+  """A loaded export stand-in: adapt_and_predict_batch gives seeded logits.
 
-  Call i returns normal random logits of seed i, whose row 1 is NaN at call
-  `nan_call`, and their argmax as classes (where NaN rows are class 0).
+  Task i (in the order served) gets normal random logits of seed i, whose
+  row 1 is NaN for task `nan_task`, and their argmax as classes (where NaN
+  rows are class 0).
   """
 
-  def __init__(self, ways, nan_call=None):
-    self.ways, self.nan_call, self.calls = ways, nan_call, 0
-    self.signatures = {saved_model.ADAPT_AND_PREDICT: self._serve}
+  def __init__(self, ways, nan_task=None):
+    self.ways, self.nan_task, self.tasks = ways, nan_task, 0
+    self.signatures = {saved_model.ADAPT_AND_PREDICT_BATCH: self._serve}
 
   @staticmethod
-  def logits(call, queries, ways):
+  def logits(task, queries, ways):
     return (
-      np.random.default_rng(call)
+      np.random.default_rng(task)
       .normal(size=(queries, ways))
       .astype(np.float32)
     )
 
   def _serve(self, support_images, support_labels, query_images):
     del support_images, support_labels
-    logits = self.logits(self.calls, query_images.shape[0], self.ways)
-    if self.calls == self.nan_call:
-      logits[1] = np.nan
-    self.calls += 1
+    tasks, queries = query_images.shape[:2]
+    logits = np.stack(
+      [self.logits(self.tasks + i, queries, self.ways) for i in range(tasks)]
+    )
+    if self.nan_task is not None and 0 <= self.nan_task - self.tasks < tasks:
+      logits[self.nan_task - self.tasks, 1] = np.nan
+    self.tasks += tasks
     return {
       "logits": tf.constant(logits),
       "classes": tf.constant(np.argmax(logits, -1), tf.int64),
@@ -68,6 +72,8 @@ def _fake_export(run_dir, tmp_path, monkeypatch, **kwargs):
       {
         "checkpoint": training.checkpoint_path(str(run_dir), "latest"),
         "step": STEP,
+        "max_serving_support": 1000,
+        "max_serving_queries": 1000,
       }
     )
   )
@@ -78,7 +84,7 @@ def _fake_export(run_dir, tmp_path, monkeypatch, **kwargs):
 
 
 def test_served_check_refuses_nan_served_logits(run_dir, tmp_path, monkeypatch):
-  export_dir = _fake_export(run_dir, tmp_path, monkeypatch, nan_call=5)
+  export_dir = _fake_export(run_dir, tmp_path, monkeypatch, nan_task=5)
   with pytest.raises(
     evaluation.NonFiniteLogitsError,
     match=r"^The served model: non-finite logits \(NaN or inf\) in 1 "

@@ -76,6 +76,17 @@ def test_requests_over_the_size_limits_are_refused(per_class):
     query_images=queries,
     weights=WEIGHTS,
   )
+  # A batch of tasks is bounded in all: B Q = 7 x 143 = max_queries + 1.
+  assert max_queries + 1 == 7 * 143
+  refused(
+    "adapt_and_predict_batch",
+    "query_images",
+    "Q x B",
+    *query_limit,
+    support_images=np.stack([TASK["support_images"]] * 7),
+    support_labels=np.stack([TASK["support_labels"]] * 7),
+    query_images=queries.reshape((7, 143) + IMAGE_SHAPE),
+  )
   support = rng.random((max_support + 1,) + IMAGE_SHAPE, np.float32)
   labels = np.arange(max_support + 1) % WAYS
   refused(

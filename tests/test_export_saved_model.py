@@ -19,6 +19,7 @@ from comln_tf.layers import GradientFlowClassifier
 from export import saved_model
 from export import warmup
 from export_helpers import IMAGE_SHAPE
+from export_helpers import LABELS
 from export_helpers import QUERY
 from export_helpers import SUPPORT
 from export_helpers import TASK
@@ -95,6 +96,7 @@ def test_signatures(per_class):
     "embed": ({"images": float32}, {"embeddings": float32}),
   }
   expected["serving_default"] = expected["adapt_and_predict"]
+  expected["adapt_and_predict_batch"] = expected["adapt_and_predict"]
   for key, (inputs, outputs) in expected.items():
     signature = signatures[key]
     assert {k: v.dtype for k, v in signature.inputs.items()} == inputs, key
@@ -115,6 +117,24 @@ def test_adapt_and_predict_matches_keras(per_class, shots, queries):
       query_images=query,
     )
     assert_outputs(outputs, logits)
+
+
+def test_a_batch_of_tasks_is_served_as_each_task_alone(per_class, tied):
+  for (model, _, served), ways in ((per_class, WAYS), (tied, 3)):
+    tasks = [random_task(ways, 2, 6, seed) for seed in range(3)]
+    outputs = serve(
+      served,
+      "adapt_and_predict_batch",
+      support_images=np.stack([t[0] for t in tasks]),
+      support_labels=np.stack([t[1] for t in tasks]),
+      query_images=np.stack([t[2] for t in tasks]),
+    )
+    assert outputs["logits"].shape == (3, 6, ways)
+    for i, task in enumerate(tasks):
+      assert_outputs(
+        {key: value[i] for key, value in outputs.items()},
+        keras_logits(model, *task),
+      )
 
 
 def test_adapt_predict_embed_match_keras(per_class):
@@ -273,6 +293,47 @@ _PER_CLASS_ERRORS = [
   ),
 ]
 
+_BATCH = {key: np.stack([value, value]) for key, value in TASK.items()}
+
+_BATCH_ERRORS = [
+  (
+    {"support_images": np.zeros((2, 5, 32, 32, 1), np.float32)},
+    r"support_images must have shape \[B, M, 28, 28, 1\]",
+  ),
+  (
+    {"query_images": np.zeros((2, 0) + IMAGE_SHAPE, np.float32)},
+    "query_images is empty: send at least one example and one task",
+  ),
+  (
+    {"query_images": _BATCH["query_images"][:1]},
+    "support_images and query_images must hold the same number of tasks B",
+  ),
+  (
+    {"support_labels": _BATCH["support_labels"][:, :4]},
+    r"support_labels must have shape \[B, M\], as support_images",
+  ),
+  (
+    {"support_labels": np.stack([LABELS, np.array([0, 1, 2, 3, 3])])},
+    r"every class 0..N-1 must appear in support_labels of every task; N =\] "
+    r"\[5\] \[missing \(task, class\):\] \[\[1 4\]\]",
+  ),
+  (
+    {"query_images": _with(_BATCH["query_images"], (1, 2, 5, 6), 1.5)},
+    r"query_images must hold pixels in \[0, 1\]",
+  ),
+]
+
+
+@pytest.mark.parametrize("changes,message", _BATCH_ERRORS)
+def test_invalid_batch_requests(per_class, changes, message):
+  served = per_class[2]
+  served.run(warmup.predict_request("adapt_and_predict_batch", _BATCH))
+  with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+    served.run(
+      warmup.predict_request("adapt_and_predict_batch", {**_BATCH, **changes})
+    )
+
+
 _TIED_ERRORS = [
   (
     "serving_default",
@@ -338,7 +399,13 @@ def test_warmup_requests_replay(request, which):
   _, export_dir, served = request.getfixturevalue(which)
   requests = warmup.read(export_dir)
   signatures = [r.model_spec.signature_name for r in requests]
-  assert set(signatures) == {"serving_default", "adapt", "predict", "embed"}
+  assert set(signatures) == {
+    "serving_default",
+    "adapt_and_predict_batch",
+    "adapt",
+    "predict",
+    "embed",
+  }
   ways = set()
   for r in requests:
     assert r.model_spec.name == "comln"
