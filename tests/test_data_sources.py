@@ -3,6 +3,7 @@
 import hashlib
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -277,31 +278,58 @@ def test_bad_inputs_stop_with_clear_messages(omniglot, tmp_path):
 # The Omniglot cache.
 
 
-def test_omniglot_cache_is_keyed_by_its_source_and_checked(tmp_path, caplog):
-  cache_dir = tmp_path / "cache"
-  _sources._omniglot_arrays.cache_clear()  # pylint: disable=protected-access
-  built = data.load_splits("omniglot", cache_dir=cache_dir)
-  [cache_file] = cache_dir.glob("omniglot-*.npz")
+def test_omniglot_cache_is_keyed_by_its_source_and_checked(
+  omniglot, cache_dir, tmp_path, caplog, monkeypatch
+):
+  # The module's fresh decode wrote the cache, named by its source.
+  [built_file] = cache_dir.glob("omniglot-*.npz")
   source = os.path.realpath(os.environ["TFDS_DATA_DIR"])
-  assert hashlib.sha256(source.encode()).hexdigest()[:12] in cache_file.name
+  assert hashlib.sha256(source.encode()).hexdigest()[:12] in built_file.name
+  # A copy of it in a folder of its own, damaged below.
+  own_dir = tmp_path / "cache"
+  own_dir.mkdir()
+  cache_file = own_dir / built_file.name
+  shutil.copyfile(built_file, cache_file)
   # Another data directory never reads this cache: an empty one fails.
   empty = tmp_path / "empty"
   empty.mkdir()
   with pytest.raises(
     ValueError, match=f"'{empty}'.* holds no prepared TFDS 'omniglot' dataset"
   ):
-    data.load_splits("omniglot", data_dir=empty, cache_dir=cache_dir)
+    data.load_splits("omniglot", data_dir=empty, cache_dir=own_dir)
+
+  # The first rebuild decodes TFDS's records; the second, down the same
+  # path after another kind of damage, is given the first one's arrays.
+  real_decode = _sources._decode_omniglot  # pylint: disable=protected-access
+  decoded = []
+
+  def decode(data_dir, image_size):
+    if not decoded:
+      decoded.append(real_decode(data_dir, image_size))
+    else:
+      decoded.append(decoded[0])
+    return dict(decoded[-1])
+
+  def no_decode(data_dir, image_size):
+    raise AssertionError("TFDS's records decoded although the cache is intact")
 
   def damage_and_reload(damage):
     damage()
+    decodes = len(decoded)
     _sources._omniglot_arrays.cache_clear()  # pylint: disable=protected-access
     caplog.clear()
+    monkeypatch.setattr(_sources, "_decode_omniglot", decode)
     with caplog.at_level("WARNING"):
-      reloaded = data.load_splits("omniglot", cache_dir=cache_dir)
+      reloaded = data.load_splits("omniglot", cache_dir=own_dir)
     assert f"The Omniglot cache {cache_file} is damaged" in caplog.text
-    for a, b in zip(built, reloaded):
-      assert a.class_names == b.class_names
-      np.testing.assert_array_equal(a.images, b.images)
+    assert len(decoded) == decodes + 1
+    # The cache is whole again: the next load reads it.
+    monkeypatch.setattr(_sources, "_decode_omniglot", no_decode)
+    _sources._omniglot_arrays.cache_clear()  # pylint: disable=protected-access
+    for splits in (reloaded, data.load_splits("omniglot", cache_dir=own_dir)):
+      for a, b in zip(omniglot, splits):
+        assert a.class_names == b.class_names
+        np.testing.assert_array_equal(a.images, b.images)
 
   def cut_short():
     with np.load(cache_file) as cached:

@@ -29,10 +29,17 @@ EQUIVALENCE_ARGS = cli_helpers.TINY_ARGS + (
   "--config.schedule.steps=2",
   "--config.schedule.log_every=1",
   "--config.schedule.checkpoint_every=1",
-  "--config.schedule.validate_every=2",
+  "--config.schedule.validate_every=0",
   "--config.optim.weight_decay=0.05",
   "--config.run.seed=3",
   "--config.optim.clip_norm=5",
+)
+# The distributed runs also validate after their last step (which changes
+# no weight), on 2 full meta-batches of episodes (a smaller last one would
+# trace the validation again).
+VALIDATION_ARGS = (
+  "--config.schedule.validate_every=2",
+  "--config.schedule.validation_episodes=8",
 )
 # Measured: 1.4e-4 between 2 replicas and one device after 2 steps.
 TOLERANCE = 2e-3
@@ -98,6 +105,7 @@ def test_mirrored_on_two_logical_cpus_matches_one_device(
     "launch.train",
     (f"--model_dir={model_dir}",)
     + EQUIVALENCE_ARGS
+    + VALIDATION_ARGS
     + (
       "--config.run.strategy=mirrored",
       "--config.run.devices=/cpu:0",
@@ -113,7 +121,9 @@ def test_mirrored_on_two_logical_cpus_matches_one_device(
 def test_two_workers_match_one_process(tmp_path, single_device_run, processes):
   model_dir = tmp_path / "workers"
   workers = _start_workers(
-    processes, "worker", (f"--model_dir={model_dir}",) + EQUIVALENCE_ARGS
+    processes,
+    "worker",
+    (f"--model_dir={model_dir}",) + EQUIVALENCE_ARGS + VALIDATION_ARGS,
   )
   for worker in workers:
     assert processes.wait(worker, 300) == 0, processes.log(worker)[-3000:]

@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import types
 
 import keras
 import numpy as np
@@ -42,6 +43,80 @@ def run_dir(tmp_path_factory):
   return model_dir
 
 
+# Runs `python -m <module>` once per JSON list of arguments (argv[2]): the
+# module (and TensorFlow) is imported once, then each invocation is a
+# process of its own, forked from this one, with its own flags, exit status,
+# stdout and stderr. Its stdout and stderr go to files; SIGALRM ends one that
+# hangs.
+_INVOCATIONS_SCRIPT = r"""
+import importlib
+import json
+import os
+import signal
+import sys
+import tempfile
+
+from absl import app
+
+module = importlib.import_module(sys.argv[1])
+timeout = int(sys.argv[3])
+results = []
+for args in json.loads(sys.argv[2]):
+  with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+      signal.alarm(timeout)
+      os.dup2(out.fileno(), 1)
+      os.dup2(err.fileno(), 2)
+      sys.argv = [module.__file__] + args
+      app.run(module.main)  # Exits this process, as `python -m` would.
+    _, status = os.waitpid(pid, 0)
+    texts = []
+    for f in (out, err):
+      f.seek(0)
+      texts.append(f.read().decode())
+  results.append([os.waitstatus_to_exitcode(status)] + texts)
+print(json.dumps(results))
+"""
+
+
+def run_invocations(module, arg_lists, timeout=180):
+  """Runs `python -m module args` for each list of `arg_lists`.
+
+  Each is a separate process (see _INVOCATIONS_SCRIPT); they share the
+  start-up of one interpreter.
+
+  Returns:
+    list of subprocess.CompletedProcess (text stdout and stderr), in order.
+  """
+  arg_lists = [[str(arg) for arg in args] for args in arg_lists]
+  driver = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      _INVOCATIONS_SCRIPT,
+      module,
+      json.dumps(arg_lists),
+      str(timeout),
+    ],
+    cwd=cli_helpers.REPO,
+    env=cli_helpers.environment(),
+    capture_output=True,
+    text=True,
+    timeout=60 + timeout * len(arg_lists),
+    check=False,
+  )
+  assert driver.returncode == 0, driver.stderr[-3000:]
+  return [
+    subprocess.CompletedProcess(["-m", module] + args, code, stdout, stderr)
+    for args, (code, stdout, stderr) in zip(
+      arg_lists, json.loads(driver.stdout.splitlines()[-1])
+    )
+  ]
+
+
 def _direct_accuracies(model_dir, num_episodes):
   """Per-episode test accuracies: one eager call, numpy argmax each."""
   model, _ = training.restore_model(str(model_dir))
@@ -61,6 +136,13 @@ def _direct_accuracies(model_dir, num_episodes):
   return np.array(accuracies)
 
 
+@pytest.fixture(scope="module")
+def direct(run_dir):
+  """Per-episode accuracies of the first 6 test episodes (see
+  `_direct_accuracies`); episode i is the same in any number of them."""
+  return _direct_accuracies(run_dir, 6)
+
+
 def _progress_lines(text):
   """(done, total, accuracy %) of each evaluation progress line of `text`."""
   return [
@@ -77,43 +159,10 @@ def _error_lines(text):
   return [line for line in text.splitlines() if line.startswith("error: ")]
 
 
-def test_evaluate_cli_logs_progress_with_the_running_accuracy(
-  run_dir, tmp_path
-):
-  output = tmp_path / "results.json"
-  result = cli_helpers.run(
-    "launch.evaluate",
-    [
-      f"--model_dir={run_dir}",
-      "--episodes=6",
-      "--batch_size=2",
-      f"--output={output}",
-    ],
-    timeout=180,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  direct = _direct_accuracies(run_dir, 6)
-  results = json.loads(output.read_text())
-  assert results["accuracy"] == pytest.approx(direct.mean(), abs=1e-12)
-  lines = _progress_lines(result.stderr)
-  assert [(done, total) for done, total, _ in lines] == [
-    (2, 6),
-    (4, 6),
-    (6, 6),
-  ], result.stderr[-3000:]
-  for done, _, accuracy in lines:
-    assert accuracy == pytest.approx(100 * direct[:done].mean(), abs=0.006)
-  assert f"{100 * direct.mean():.2f}% +- " in result.stdout
-
-
-def test_evaluate_cli_refuses_bad_arguments_before_any_episode(
-  run_dir, tmp_path
-):
+def _refusals(run_dir, blocker):
+  """(arguments, start of the error line) of refused command lines."""
   config_file = run_dir / "config.json"
-  config = config_file.read_bytes()
-  blocker = tmp_path / "blocker"
-  blocker.write_text("a file, not a folder\n")
-  for args, message in [
+  return [
     (["--ways=1"], "error: ways must be an integer >= 2"),
     (
       ["--t_final=1e39"],
@@ -128,13 +177,67 @@ def test_evaluate_cli_refuses_bad_arguments_before_any_episode(
       [f"--output={blocker / 'results.json'}"],
       f"error: output={str(blocker / 'results.json')!r} cannot be written",
     ),
-  ]:
-    # Few episodes, so that a regression fails fast.
-    failed = cli_helpers.run(
-      "launch.evaluate",
-      [f"--model_dir={run_dir}", "--episodes=4"] + args,
-      timeout=180,
-    )
+  ]
+
+
+@pytest.fixture(scope="module")
+def invocations(run_dir, tmp_path_factory):
+  """The command lines of the next two tests, by one `run_invocations`.
+
+  Returns:
+    namespace: evaluation (6 episodes, 2 per call, written to `output`),
+    refusals (list of (arguments, error, CompletedProcess), see
+    `_refusals`), config (run_dir's config.json before them).
+  """
+  folder = tmp_path_factory.mktemp("cli")
+  output = folder / "results.json"
+  blocker = folder / "blocker"
+  blocker.write_text("a file, not a folder\n")
+  config = (run_dir / "config.json").read_bytes()
+  cases = _refusals(run_dir, blocker)
+  evaluation_args = ["--episodes=6", "--batch_size=2", f"--output={output}"]
+  # The refusals ask for few episodes, so that a regression fails fast.
+  refusal_args = [["--episodes=4"] + args for args, _ in cases]
+  evaluation_run, *refusals = run_invocations(
+    "launch.evaluate",
+    [
+      [f"--model_dir={run_dir}"] + args
+      for args in [evaluation_args] + refusal_args
+    ],
+  )
+  return types.SimpleNamespace(
+    evaluation=evaluation_run,
+    output=output,
+    refusals=[
+      (args, message, refused)
+      for (args, message), refused in zip(cases, refusals, strict=True)
+    ],
+    config=config,
+  )
+
+
+def test_evaluate_cli_logs_progress_with_the_running_accuracy(
+  invocations, direct
+):
+  result = invocations.evaluation
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads(invocations.output.read_text())
+  assert results["accuracy"] == pytest.approx(direct.mean(), abs=1e-12)
+  lines = _progress_lines(result.stderr)
+  assert [(done, total) for done, total, _ in lines] == [
+    (2, 6),
+    (4, 6),
+    (6, 6),
+  ], result.stderr[-3000:]
+  for done, _, accuracy in lines:
+    assert accuracy == pytest.approx(100 * direct[:done].mean(), abs=0.006)
+  assert f"{100 * direct.mean():.2f}% +- " in result.stdout
+
+
+def test_evaluate_cli_refuses_bad_arguments_before_any_episode(
+  run_dir, invocations
+):
+  for args, message, failed in invocations.refusals:
     assert failed.returncode != 0, args
     errors = _error_lines(failed.stderr)
     assert len(errors) == 1 and errors[0].startswith(message), failed.stderr[
@@ -142,12 +245,12 @@ def test_evaluate_cli_refuses_bad_arguments_before_any_episode(
     ]
     assert "Traceback" not in failed.stderr
     assert not _progress_lines(failed.stderr)
-  assert config_file.read_bytes() == config
+  assert (run_dir / "config.json").read_bytes() == invocations.config
   assert not list(run_dir.glob("evaluation_*.json"))
 
 
 def test_evaluate_cli_prints_the_result_before_a_failed_write(
-  run_dir, tmp_path
+  run_dir, direct, tmp_path
 ):
   folder = tmp_path / "results"
   output = folder / "evaluation.json"
@@ -175,7 +278,7 @@ def test_evaluate_cli_prints_the_result_before_a_failed_write(
     sys.argv = [
       "evaluate",
       "--model_dir={run_dir}",
-      "--episodes=5",
+      "--episodes=4",
       "--output={output}",
       "--noprogress",
     ]
@@ -194,10 +297,10 @@ def test_evaluate_cli_prints_the_result_before_a_failed_write(
   )
   assert result.returncode != 0
   assert "Traceback" not in result.stdout, result.stdout[-3000:]
-  direct = evaluation.summarize(_direct_accuracies(run_dir, 5))
+  summary = evaluation.summarize(direct[:4])
   printed = (
-    f"{100 * direct['accuracy']:.2f}% +- {100 * direct['ci95']:.2f}% (95% "
-    f"CI); NOT written"
+    f"{100 * summary['accuracy']:.2f}% +- {100 * summary['ci95']:.2f}% "
+    f"(95% CI); NOT written"
   )
   lines = result.stdout.splitlines()
   errors = _error_lines(result.stdout)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import cli_helpers
 from comln_tf import data
 from comln_tf import evaluation
 from comln_tf import training
@@ -18,6 +17,7 @@ from evaluation_helpers import direct_accuracies
 from evaluation_helpers import direct_summary
 from evaluation_helpers import make_run_dir
 from evaluation_helpers import run_episodes
+from test_evaluate_cli import run_invocations
 
 
 @pytest.fixture(scope="module")
@@ -30,65 +30,79 @@ def omniglot_test():
   return data.load_splits("omniglot").test
 
 
-def test_evaluate_run_writes_its_results_as_json(run_dir, omniglot_test):
+# The evaluations of these tests: 2 calls of 3 episodes.
+EPISODES, BATCH_SIZE = 6, 3
+
+
+@pytest.fixture(scope="module")
+def upright(run_dir, omniglot_test):
+  """`direct_accuracies` of the run's model (its learned T) on the episodes."""
+  model, _ = training.restore_model(str(run_dir))
+  return direct_accuracies(model, run_episodes(omniglot_test, EPISODES))
+
+
+def test_evaluate_run_writes_its_results_as_json(run_dir, upright):
   results = training.evaluate_run(
-    str(run_dir), which="latest", num_episodes=9, batch_size=4
+    str(run_dir), which="latest", num_episodes=EPISODES, batch_size=BATCH_SIZE
   )
   assert results["output"] == str(
-    run_dir / "evaluation_test_latest_5w1s3q_9ep.json"
+    run_dir / "evaluation_test_latest_5w1s3q_6ep.json"
   )
   assert (
-    json.loads((run_dir / "evaluation_test_latest_5w1s3q_9ep.json").read_text())
+    json.loads((run_dir / "evaluation_test_latest_5w1s3q_6ep.json").read_text())
     == results
   )
-  assert results["step"] == STEP and results["episodes"] == 9
+  assert results["step"] == STEP and results["episodes"] == EPISODES
   assert (results["ways"], results["shots"], results["queries"]) == (5, 1, 3)
   assert results["seed"] == evaluation.TEST_SEED
-  direct = direct_summary(run_dir, run_episodes(omniglot_test, 9))
+  direct = evaluation.summarize(upright)
   assert results["accuracy"] == pytest.approx(direct["accuracy"], abs=1e-12)
   assert results["ci95"] == pytest.approx(direct["ci95"], abs=1e-12)
 
 
-def test_evaluate_run_adapts_up_to_the_given_t(run_dir, omniglot_test):
+def test_evaluate_run_adapts_up_to_the_given_t(run_dir, omniglot_test, upright):
   # The run's T is its initial 1; at T = 1e-3 the classifier barely leaves
   # its random W0, so the accuracies differ from those at T = 1.
   results = training.evaluate_run(
-    str(run_dir), which="latest", num_episodes=9, batch_size=4, t_final=1e-3
+    str(run_dir),
+    which="latest",
+    num_episodes=EPISODES,
+    batch_size=BATCH_SIZE,
+    t_final=1e-3,
   )
   assert results["output"] == str(
-    run_dir / "evaluation_test_latest_5w1s3q_t0.001_9ep.json"
+    run_dir / "evaluation_test_latest_5w1s3q_t0.001_6ep.json"
   )
   assert results["t_final"] == pytest.approx(1e-3, rel=1e-6)
   model, _ = training.restore_model(str(run_dir))
-  episodes = run_episodes(omniglot_test, 9)
-  learned = direct_accuracies(model, episodes)
   model.classifier.log_t.assign(math.log(1e-3))
-  direct = evaluation.summarize(direct_accuracies(model, episodes))
-  assert direct["accuracy"] != pytest.approx(learned.mean(), abs=1e-3)
+  direct = evaluation.summarize(
+    direct_accuracies(model, run_episodes(omniglot_test, EPISODES))
+  )
+  assert direct["accuracy"] != pytest.approx(upright.mean(), abs=1e-3)
   assert results["accuracy"] == pytest.approx(direct["accuracy"], abs=1e-12)
   assert training.evaluate_run(
     str(run_dir), which="latest", num_episodes=1, batch_size=1
   )["t_final"] == pytest.approx(1.0)
 
 
-def test_evaluate_run_rotates_classes(run_dir, omniglot_test):
+def test_evaluate_run_rotates_classes(run_dir, omniglot_test, upright):
   results = training.evaluate_run(
     str(run_dir),
     which="latest",
-    num_episodes=9,
-    batch_size=4,
+    num_episodes=EPISODES,
+    batch_size=BATCH_SIZE,
     rotate_classes=True,
   )
   assert results["output"] == str(
-    run_dir / "evaluation_test_latest_5w1s3q_rotated_9ep.json"
+    run_dir / "evaluation_test_latest_5w1s3q_rotated_6ep.json"
   )
   assert results["rotate_classes"] is True
   rotated = direct_summary(
-    run_dir, run_episodes(omniglot_test, 9, rotate_classes=True)
+    run_dir, run_episodes(omniglot_test, EPISODES, rotate_classes=True)
   )
-  upright = direct_summary(run_dir, run_episodes(omniglot_test, 9))
   assert results["accuracy"] == pytest.approx(rotated["accuracy"], abs=1e-12)
-  assert results["accuracy"] != pytest.approx(upright["accuracy"], abs=1e-6)
+  assert results["accuracy"] != pytest.approx(upright.mean(), abs=1e-6)
 
 
 def test_rotate_classes_needs_square_images(run_dir, monkeypatch):
@@ -186,15 +200,25 @@ def test_checkpoints_without_the_variable_list_are_refused(run_dir, tmp_path):
 
 def test_evaluate_cli_prints_and_writes_json(run_dir, tmp_path):
   output = tmp_path / "results.json"
-  result = cli_helpers.run(
+  cases = [
+    (["--checkpoint=best"], "--checkpoint='best': No best checkpoint"),
+    (["--episodes=0"], "--episodes must be an integer >= 1; got 0"),
+    (["--t_final=-1"], "t_final must be a number > 0; got -1.0"),
+    (["--ways=0"], "ways must be an integer >= 1; got 0"),
+  ]
+  # An evaluation, then refusals: separate invocations (processes).
+  result, *refusals = run_invocations(
     "launch.evaluate",
     [
-      f"--model_dir={run_dir}",
-      "--episodes=6",
-      f"--output={output}",
-      "--rotate_classes",
-      "--classifier=prototypes",
-    ],
+      [
+        f"--model_dir={run_dir}",
+        "--episodes=6",
+        f"--output={output}",
+        "--rotate_classes",
+        "--classifier=prototypes",
+      ]
+    ]
+    + [[f"--model_dir={run_dir}"] + args for args, _ in cases],
     timeout=120,
   )
   assert result.returncode == 0, result.stderr[-3000:]
@@ -214,15 +238,7 @@ def test_evaluate_cli_prints_and_writes_json(run_dir, tmp_path):
     in result.stdout
   )
 
-  for args, message in [
-    (["--checkpoint=best"], "--checkpoint='best': No best checkpoint"),
-    (["--episodes=0"], "--episodes must be an integer >= 1; got 0"),
-    (["--t_final=-1"], "t_final must be a number > 0; got -1.0"),
-    (["--ways=0"], "ways must be an integer >= 1; got 0"),
-  ]:
-    failed = cli_helpers.run(
-      "launch.evaluate", [f"--model_dir={run_dir}"] + args, timeout=120
-    )
-    assert failed.returncode != 0
+  for (args, message), failed in zip(cases, refusals, strict=True):
+    assert failed.returncode != 0, args
     assert message in failed.stderr, failed.stderr[-3000:]
     assert "Traceback" not in failed.stderr

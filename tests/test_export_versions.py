@@ -8,10 +8,10 @@ and the temporary folders of killed exports are removed by later ones.
 import contextlib
 import json
 import os
-import pathlib
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -60,27 +60,24 @@ saved_model.export_version(None, sys.argv[1], (28, 28, 1))
 """
 
 
-def test_later_exports_remove_the_temporary_folders_of_killed_ones(tmp_path):
-  base = tmp_path / "base"
-  killed = subprocess.Popen(
-    [sys.executable, "-c", _KILLED_EXPORT_SCRIPT, str(base)],
-    cwd=REPO,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.DEVNULL,
-    text=True,
-  )
-  try:
-    assert killed.stdout.readline().strip() == "writing"
-  finally:
-    killed.kill()
-    killed.wait(timeout=60)
-  [left] = os.listdir(base)
+def test_later_exports_remove_the_temporary_folders_of_killed_ones(
+  concurrent_exports,
+):
+  # The killed export left its temporary folder, half written.
+  [left] = concurrent_exports.left
   assert left.startswith(".tmp-export-")
-  export_dir = saved_model.export_version(
-    five_way_model(), str(base), IMAGE_SHAPE
-  )
-  assert sorted(os.listdir(base)) == ["1"]
-  assert export_dir == str(base / "1")
+  # The exports after it removed it, and took the first versions.
+  base = concurrent_exports.base
+  assert sorted(os.listdir(base)) == ["1", "2"]
+  assert sorted(concurrent_exports.export_dirs) == [
+    str(base / "1"),
+    str(base / "2"),
+  ]
+  assert any(
+    "Removed the temporary folders of exports that did not finish: "
+    f"{base / left}." in log
+    for log in concurrent_exports.logs
+  ), concurrent_exports.logs
 
 
 def test_only_stale_temporary_folders_are_removed(tmp_path):
@@ -115,20 +112,22 @@ def test_only_stale_temporary_folders_are_removed(tmp_path):
 
 
 _EXPORT_SCRIPT = r"""
-import sys, time
+import os, sys, time
 import keras
 from comln_tf import backbones
 from comln_tf.layers import GradientFlowClassifier
 from comln_tf.model import COMLN
 from export import saved_model
 
-base, t_final, start_at = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+base, t_final, ready, start = sys.argv[1], float(sys.argv[2]), *sys.argv[3:]
 keras.utils.set_random_seed(int(t_final))
 model = COMLN(backbones.Conv4(filters=8),
               GradientFlowClassifier(5, initial_t=t_final))
 model.build({"support_images": (None, None, 28, 28, 1)})
 # Both exports start together, so that they choose the same next version.
-time.sleep(max(0.0, start_at - time.time()))
+open(ready, "w").close()
+while not os.path.exists(start):
+  time.sleep(0.01)
 print(saved_model.export_version(model, base, (28, 28, 1),
                                  metadata={"writer_t": t_final}))
 """
@@ -154,28 +153,99 @@ def _kill_if_running(process):
     process.wait(timeout=60)
 
 
-def test_concurrent_exports_give_complete_separate_versions(tmp_path):
-  base = tmp_path / "base"
-  script = tmp_path / "export_one.py"
+def _wait_for_files(paths, writers, timeout):
+  """Waits until every path exists; fails if a writer exits first.
+
+  Args:
+    paths: pathlib.Paths.
+    writers: (process, path of its log) pairs.
+    timeout: seconds.
+  """
+  deadline = time.monotonic() + timeout
+  while not all(path.exists() for path in paths):
+    for process, log_path in writers:
+      assert process.poll() is None, log_path.read_text()[-3000:]
+    assert time.monotonic() < deadline, f"no {paths} after {timeout} s"
+    time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def concurrent_exports(tmp_path_factory):
+  """Two exports at the same time into a base holding a killed one's folder.
+
+  The killed export and both writers start together; the writers wait,
+  their model built, until the killed one is gone, then export at once.
+
+  Returns:
+    namespace: base, left (the base's entries once the export was killed),
+    export_dirs (printed by the writers) and logs (their output).
+  """
+  folder = tmp_path_factory.mktemp("exports")
+  base = folder / "base"
+  script = folder / "export_one.py"
   script.write_text(_EXPORT_SCRIPT)
-  start_at = time.time() + 25
+  start = folder / "start"
   with contextlib.ExitStack() as stack:
+    killed = subprocess.Popen(
+      [sys.executable, "-c", _KILLED_EXPORT_SCRIPT, str(base)],
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.DEVNULL,
+      text=True,
+    )
+    stack.callback(_kill_if_running, killed)
     writers = []
     for t_final in (2.0, 3.0):
-      log = stack.enter_context(open(tmp_path / f"export{t_final}.log", "w"))
+      log_path = folder / f"export{t_final}.log"
+      log = stack.enter_context(open(log_path, "w"))
       writer = subprocess.Popen(
-        [sys.executable, str(script), str(base), str(t_final), str(start_at)],
+        [
+          sys.executable,
+          str(script),
+          str(base),
+          str(t_final),
+          str(folder / f"ready{t_final}"),
+          str(start),
+        ],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=log,
         stderr=subprocess.STDOUT,
       )
       stack.callback(_kill_if_running, writer)
-      writers.append((writer, log))
-    for writer, log in writers:
-      assert writer.wait(timeout=300) == 0, pathlib.Path(log.name).read_text()[
-        -3000:
-      ]
+      writers.append((writer, log_path))
+    assert killed.stdout.readline().strip() == "writing"
+    killed.kill()
+    killed.wait(timeout=60)
+    left = os.listdir(base)
+    _wait_for_files(
+      [folder / f"ready{t_final}" for t_final in (2.0, 3.0)],
+      writers,
+      timeout=300,
+    )
+    start.touch()
+    logs = []
+    for writer, log_path in writers:
+      code = writer.wait(timeout=300)
+      logs.append(log_path.read_text())
+      assert code == 0, logs[-1][-3000:]
+  return types.SimpleNamespace(
+    base=base,
+    left=left,
+    export_dirs=[
+      line
+      for log in logs
+      for line in log.splitlines()
+      if line.startswith(str(base))
+    ],
+    logs=logs,
+  )
+
+
+def test_concurrent_exports_give_complete_separate_versions(
+  concurrent_exports,
+):
+  base = concurrent_exports.base
   assert sorted(os.listdir(base)) == ["1", "2"]  # no temporary folder left
   written = set()
   for version in ("1", "2"):

@@ -89,6 +89,11 @@ def test_fit_reduces_loss():
   model.compile(
     optimizer=keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True)
   )
+  # Built first: outside a strategy, Keras creates the model's and the
+  # optimizer's variables in the first trace of a step, which is then
+  # traced again.
+  model.build({"support_images": (None, None, 28, 28, 1)})
+  model.optimizer.build(model.trainable_variables)
   before = model.evaluate(dataset, return_dict=True, verbose=0)
   history = model.fit(dataset, epochs=3, shuffle=False, verbose=0).history
   after = model.evaluate(dataset, return_dict=True, verbose=0)
@@ -307,18 +312,22 @@ import keras
 sys.path.insert(0, sys.argv[1])
 from test_model import _conv4_model, _episodes
 
+SHAPES = {"support_images": (None, None, 28, 28, 1)}
+
 episodes = tf.data.Dataset.from_tensors(_episodes(4))
 keras.utils.set_random_seed(0)
 initial = _conv4_model()
-initial(next(iter(episodes)))
+initial.build(SHAPES)
 
 
 def sgd_update(strategy, **optimizer_args):
   with strategy.scope():
     model = _conv4_model(weight_decay=0.05)
-    model(next(iter(episodes)))
+    model.build(SHAPES)
     model.set_weights(initial.get_weights())
     model.compile(optimizer=keras.optimizers.SGD(0.1, **optimizer_args))
+    # Built first, as in test_fit_reduces_loss.
+    model.optimizer.build(model.trainable_variables)
   before = [v.numpy() for v in model.trainable_variables]
   model.fit(episodes, shuffle=False, verbose=0)
   return np.concatenate([(v.numpy() - b).ravel() for v, b in

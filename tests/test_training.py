@@ -1,8 +1,13 @@
 """Tests of comln_tf.training and launch/train.py on tiny Omniglot runs."""
 
+import contextlib
 import json
+import logging
+import os
 import re
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +22,13 @@ from comln_tf.training import _step
 
 STEPS = 16
 LR_DECAY_STEPS = 32
-RUN_ARGS = cli_helpers.TINY_ARGS + (
+# Validation in whole meta-batches (8 episodes): one trace of its function.
+RUN_ARGS = tuple(
+  arg
+  for arg in cli_helpers.TINY_ARGS
+  if not arg.startswith("--config.schedule.validation_episodes=")
+) + (
+  "--config.schedule.validation_episodes=8",
   f"--config.schedule.steps={STEPS}",
   "--config.schedule.log_every=4",
   "--config.schedule.checkpoint_every=2",
@@ -256,6 +267,8 @@ def test_cli_rejects_bad_config_before_training(tmp_path, args, message):
 def test_cli_stops_a_diverging_run_before_saving_it(tmp_path):
   # Under XLA the engine's assertions are compiled away: without the
   # training loop's check, a diverged run would go on with NaN weights.
+  # The first update at a learning rate of 1e4 makes T infinite, whatever
+  # the solver: two Euler steps keep XLA's compilation small.
   model_dir = tmp_path / "run"
   result = cli_helpers.run(
     "launch.train",
@@ -266,7 +279,8 @@ def test_cli_stops_a_diverging_run_before_saving_it(tmp_path):
       "--config.schedule.log_every=1",
       "--config.schedule.checkpoint_every=1",
       "--config.optim.learning_rate=1e4",
-      "--config.adaptation.max_steps=50",
+      "--config.adaptation.solver=euler",
+      "--config.adaptation.num_steps=2",
       "--config.adaptation.jit_compile=True",
     ),
     timeout=240,
@@ -347,28 +361,70 @@ def test_cli_overrides_apply_to_the_saved_config_without_config(
     assert "Traceback" not in failed.stderr
 
 
+@contextlib.contextmanager
+def _comln_log():
+  """The messages comln_tf logs at INFO and above while the block runs."""
+  messages = []
+  handler = logging.Handler(logging.INFO)
+  handler.emit = lambda record: messages.append(record.getMessage())
+  logger = logging.getLogger("comln_tf")
+  level = logger.level
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  try:
+    yield messages
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def _warm_config(init_from, steps, **overrides):
+  """A tiny config of `steps` steps without validation, from `init_from`.
+
+  The architecture of the reference run (Conv-4, 5 ways, 28x28), with one
+  episode of one query a class per step: init_from is the subject here, not
+  the episodes.
+  """
+  return training.make_config(
+    {
+      "data.ways": 5,
+      "data.shots": 1,
+      "data.queries": 1,
+      "data.meta_batch_size": 1,
+      "run.init_from": str(init_from),
+      "schedule.steps": steps,
+      "schedule.validate_every": 0,
+      **overrides,
+    }
+  )
+
+
+@pytest.fixture(scope="module")
+def warm_run(tmp_path_factory, reference_run):
+  """A run initialized from the reference run: (model_dir, its log).
+
+  One step at a learning rate of 1e-12, trained in-process (init_from is
+  the subject, not the launcher), without validation: it has no best
+  checkpoint.
+  """
+  model_dir = tmp_path_factory.mktemp("warm") / "run"
+  config = _warm_config(
+    reference_run, 1, **{"optim.learning_rate": 1e-12, "run.seed": 3}
+  )
+  with _comln_log() as log:
+    training.train(config, str(model_dir), progress=False)
+  return model_dir, "\n".join(log)
+
+
 def test_init_from_starts_from_the_best_model_with_a_fresh_optimizer(
-  tmp_path, reference_run
+  warm_run, reference_run
 ):
   # One step at a learning rate of 1e-12 leaves the float32 weights where
   # they started: those of the reference run's best checkpoint, not the
   # seed's initial weights (the same seed as the reference run).
-  model_dir = tmp_path / "warm"
-  args = (
-    [f"--model_dir={model_dir}"]
-    + list(cli_helpers.TINY_ARGS)
-    + [
-      f"--config.run.init_from={reference_run}",
-      "--config.schedule.steps=1",
-      "--config.schedule.validate_every=0",
-      "--config.optim.learning_rate=1e-12",
-      "--config.run.seed=3",
-    ]
-  )
-  result = cli_helpers.run("launch.train", args, timeout=240)
-  assert result.returncode == 0, result.stderr[-3000:]
+  model_dir, log = warm_run
   best = training.checkpoint_path(str(reference_run), "best")
-  assert f"Initialized the model from {best}" in result.stderr
+  assert f"Initialized the model from {best}" in log
   assert training.load_config(model_dir).run.init_from == str(reference_run)
   actual = cli_helpers.model_values(training.checkpoint_path(str(model_dir)))
   expected = cli_helpers.model_values(best)
@@ -383,75 +439,62 @@ def test_init_from_starts_from_the_best_model_with_a_fresh_optimizer(
     if name.startswith("optimizer/_iterations")
   ]
   assert iterations == [1]
-  # That run did not validate, so it has no best checkpoint: a run
-  # initialized from it starts from its latest.
-  args = (
-    [f"--model_dir={tmp_path / 'warm2'}"]
-    + list(cli_helpers.TINY_ARGS)
-    + [
-      f"--config.run.init_from={model_dir}",
-      "--config.schedule.steps=1",
-      "--config.schedule.validate_every=0",
-    ]
-  )
-  result = cli_helpers.run("launch.train", args, timeout=240)
-  assert result.returncode == 0, result.stderr[-3000:]
-  latest = training.checkpoint_path(str(model_dir), "latest")
-  assert f"Initialized the model from {latest}" in result.stderr
 
 
 def test_init_from_errors_name_the_field(tmp_path, reference_run):
-  for extra, message in [
+  # In-process: the launcher turns a ConfigError into a one-line error
+  # (test_cli_rejects_bad_config_before_training).
+  for overrides, message in [
     (
-      [f"--config.run.init_from={tmp_path}/nothing"],
+      {"run.init_from": f"{tmp_path}/nothing"},
       f"config.run.init_from='{tmp_path}/nothing': No config.json",
     ),
     (
-      [f"--config.run.init_from={reference_run}", "--config.data.ways=4"],
+      {"run.init_from": str(reference_run), "data.ways": 4},
       f"config.run.init_from='{reference_run}' holds a model of another "
       f"architecture: config.data.ways=4 (there: 5)",
     ),
     (
-      [
-        f"--config.run.init_from={reference_run}",
-        "--config.model.global_pool=True",
-        "--config.model.pool_last_block=False",
-      ],
+      {
+        "run.init_from": str(reference_run),
+        "model.global_pool": True,
+        "model.pool_last_block": False,
+      },
       "config.model.global_pool=True (there: False); "
       "config.model.pool_last_block=False (there: True)",
     ),
   ]:
     model_dir = tmp_path / "run"
-    args = [f"--model_dir={model_dir}"] + list(cli_helpers.TINY_ARGS) + extra
-    result = cli_helpers.run("launch.train", args, timeout=120)
-    assert result.returncode != 0
-    assert message in result.stderr, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
+    config = training.make_config({"data.ways": 5, **overrides})
+    with pytest.raises(training.ConfigError) as error:
+      training.train(config, str(model_dir), progress=False)
+    assert message in str(error.value)
     assert not (model_dir / "config.json").exists()
 
 
-def test_notrain_t_keeps_t_at_initial_t_with_init_from(tmp_path, reference_run):
-  # The reference run learned its T from 1; this run starts from its model
-  # but must hold T at exactly 2.5 while the other weights train.
+def test_notrain_t_keeps_t_at_initial_t_with_init_from(
+  tmp_path, warm_run, caplog
+):
+  # The warm run holds the T the reference run learned from 1; this run
+  # starts from its model but must hold T at exactly 2.5 while the other
+  # weights train. The warm run has no best checkpoint: a run initialized
+  # from it starts from its latest.
+  warm_dir, _ = warm_run
   model_dir = tmp_path / "fixed_t"
-  args = (
-    [f"--model_dir={model_dir}"]
-    + list(cli_helpers.TINY_ARGS)
-    + [
-      f"--config.run.init_from={reference_run}",
-      "--config.model.train_t=False",
-      "--config.model.initial_t=2.5",
-      "--config.schedule.steps=2",
-      "--config.schedule.validate_every=0",
-      "--config.run.seed=3",
-    ]
+  config = _warm_config(
+    warm_dir,
+    2,
+    **{
+      "model.train_t": False,
+      "model.initial_t": 2.5,
+      "run.seed": 3,
+    },
   )
-  result = cli_helpers.run("launch.train", args, timeout=240)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "(T 2.5, fixed)" in result.stderr
-  reference = cli_helpers.model_values(
-    training.checkpoint_path(str(reference_run), "best")
-  )
+  with caplog.at_level("INFO"):
+    training.train(config, str(model_dir), progress=False)
+  latest = training.checkpoint_path(str(warm_dir), "latest")
+  assert f"Initialized the model from {latest} (T 2.5, fixed)" in caplog.text
+  reference = cli_helpers.model_values(latest)
   actual = cli_helpers.model_values(training.checkpoint_path(str(model_dir)))
   # The only scalar of the model is log T.
   [log_t] = [
@@ -536,39 +579,81 @@ def test_a_run_refused_before_training_leaves_no_model_dir(tmp_path):
   assert existing.is_dir() and not list(existing.iterdir())
 
 
-def _training_usage(model_dir, env):
-  """Resource usage of a short training on the peers' workload.
+# `python -m launch.train`, with the resource usage of each training step
+# (`resource.getrusage` around `Monitor.run_step`) printed as a JSON line.
+_STEP_USAGE_SCRIPT = """
+import json
+import resource
+import sys
 
-  5-way 1-shot, 15 queries, meta-batch 16, 6 steps: `resource.struct_rusage`
-  of the launcher's process.
+from absl import app
+
+from launch import train
+from comln_tf.training import _progress
+
+run_step = _progress.Monitor.run_step
+
+
+def measured_run_step(self, *args):
+  before = resource.getrusage(resource.RUSAGE_SELF)
+  run_step(self, *args)
+  after = resource.getrusage(resource.RUSAGE_SELF)
+  print(json.dumps({name: getattr(after, name) - getattr(before, name)
+                    for name in ("ru_utime", "ru_stime", "ru_minflt")}),
+        flush=True)
+
+
+_progress.Monitor.run_step = measured_run_step
+app.run(train.main, flags_parser=train._parse_flags, argv=sys.argv)
+"""
+
+# A short training on the peers' episodes (5-way 1-shot, 15 queries), 4
+# episodes a step.
+_USAGE_STEPS = 6
+_USAGE_TASKS, _USAGE_IMAGES_PER_TASK = 4, 5 * (1 + 15)
+
+
+def _training_usage(tmp_path, env):
+  """Resource usage of a short training, and of each of its steps.
+
+  Returns:
+    (`resource.struct_rusage` of the launcher's process, [{"ru_utime",
+    "ru_stime", "ru_minflt": the step's usage}] in step order).
   """
-  import os  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-
   args = (
-    [f"--model_dir={model_dir}"]
+    [f"--model_dir={tmp_path / 'run'}"]
     + list(cli_helpers.TINY_ARGS)
     + [
       "--config.data.queries=15",
-      "--config.data.meta_batch_size=16",
-      "--config.schedule.steps=6",
+      f"--config.data.meta_batch_size={_USAGE_TASKS}",
+      f"--config.schedule.steps={_USAGE_STEPS}",
       "--config.schedule.validate_every=0",
       "--config.schedule.checkpoint_every=100",
     ]
   )
-  process = subprocess.Popen(
-    cli_helpers.command("launch.train", args),
-    cwd=cli_helpers.REPO,
-    env=env,
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
-  )
+  with (
+    open(tmp_path / "stdout", "w") as stdout,
+    open(tmp_path / "stderr", "w") as stderr,
+  ):
+    process = subprocess.Popen(
+      [sys.executable, "-c", _STEP_USAGE_SCRIPT, *args],
+      cwd=cli_helpers.REPO,
+      env=env,
+      stdout=stdout,
+      stderr=stderr,
+    )
   try:
     _, status, usage = os.wait4(process.pid, 0)
   finally:
     process.kill()
-  assert os.waitstatus_to_exitcode(status) == 0, process.stderr.read()[-2000:]
-  return usage
+  assert os.waitstatus_to_exitcode(status) == 0, (
+    tmp_path / "stderr"
+  ).read_text()[-2000:]
+  steps = [
+    json.loads(line) for line in (tmp_path / "stdout").read_text().splitlines()
+  ]
+  assert len(steps) == _USAGE_STEPS, steps
+  return usage, steps
 
 
 @pytest.mark.slow
@@ -580,6 +665,20 @@ def test_system_time_stays_a_small_share_of_training(tmp_path):
   # bounds leave room for a busy machine.
   env = cli_helpers.environment()
   env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
-  usage = _training_usage(tmp_path / "run", env)
+  usage, steps = _training_usage(tmp_path, env)
   assert usage.ru_minflt <= 2_000_000, usage.ru_minflt
   assert usage.ru_stime <= 0.4 * usage.ru_utime, usage
+  # The steps after the first (which traces) and the second (during which
+  # BFC's pool grows to its size). The default allocator hands the step's
+  # large buffers back to the system and faults them in again every step;
+  # BFC reuses the pages it faulted in before.
+  # The bound: half the pages of the first block's outputs of a step, 64
+  # float32 channels of 28 x 28 for each image.
+  steady = steps[2:]
+  pages = _USAGE_TASKS * _USAGE_IMAGES_PER_TASK * 64 * 28 * 28 * 4 // 4096
+  faults = sum(step["ru_minflt"] for step in steady) / len(steady)
+  assert faults <= pages / 2, (faults, pages, steps)
+  user, system = (
+    sum(step[name] for step in steady) for name in ("ru_utime", "ru_stime")
+  )
+  assert system <= 0.4 * user, steps

@@ -19,31 +19,36 @@ from comln_tf import training
 from comln_tf.training import _lock
 
 
+def _run_args(model_dir, steps):
+  """A tiny run's launcher arguments: one episode of one query a class a
+  step, a checkpoint every 2 steps."""
+  return cli_helpers.tiny_run_args(
+    model_dir,
+    steps,
+    "--config.schedule.checkpoint_every=2",
+    "--config.data.queries=1",
+    "--config.data.meta_batch_size=1",
+  )
+
+
 def test_a_second_training_is_refused_and_a_stale_lock_taken_over(
   tmp_path, processes
 ):
   model_dir = tmp_path / "run"
-  first = processes.start(
-    "first",
-    "launch.train",
-    cli_helpers.tiny_run_args(
-      model_dir, 1000, "--config.schedule.checkpoint_every=2"
-    ),
-  )
+  first = processes.start("first", "launch.train", _run_args(model_dir, 1000))
   cli_helpers.wait_until(
     lambda: cli_helpers.latest_step(model_dir) >= 2,
     timeout=240,
     processes=[first],
   )
+  # Paused, it still runs (and holds the lock) but spends no CPU on the
+  # steps while the second one starts.
+  first.send_signal(signal.SIGSTOP)
   lock = json.loads((model_dir / ".lock").read_text())
   assert lock["pid"] == first.pid
   config = (model_dir / "config.json").read_text()
   second = cli_helpers.run(
-    "launch.train",
-    cli_helpers.tiny_run_args(
-      model_dir, 1000, "--config.schedule.checkpoint_every=2"
-    ),
-    timeout=120,
+    "launch.train", _run_args(model_dir, 1000), timeout=120
   )
   assert second.returncode != 0
   assert (
@@ -55,13 +60,7 @@ def test_a_second_training_is_refused_and_a_stale_lock_taken_over(
   first.send_signal(signal.SIGKILL)
   processes.wait(first, 30)
   assert json.loads((model_dir / ".lock").read_text())["pid"] == first.pid
-  third = cli_helpers.run(
-    "launch.train",
-    cli_helpers.tiny_run_args(
-      model_dir, 2, "--config.schedule.checkpoint_every=2"
-    ),
-    timeout=240,
-  )
+  third = cli_helpers.run("launch.train", _run_args(model_dir, 2), timeout=240)
   assert third.returncode == 0, third.stderr[-3000:]
   assert "Taking over the stale lock" in third.stderr
   assert not (model_dir / ".lock").exists()
