@@ -3,7 +3,7 @@
 For embeddings scaled by each --scales factor and each T of --t_finals,
 in float32 and float64 under XLA: the solver steps and the time of the
 plain solve and of the meta-gradient (method "auto", default tolerances).
-Their accuracy against SciPy's Radau is tested in
+Their accuracy against SciPy's LSODA is tested in
 tests/test_adapt_scale.py. The machine's float32 matmul peak is measured
 first, in the same process.
 
