@@ -24,6 +24,7 @@ from references import TIGHTEST
 from references import assert_gradients_match_finite_differences
 from references import engine_loss_and_gradients
 from references import make_problem
+from references import reference_loss
 from references import softmax as _softmax
 from references import stiff_problem
 from references import w_space_solution
@@ -73,13 +74,69 @@ def test_backprop_step_control_keeps_the_gradient_accurate_at_large_t():
   assert relative_error(comln_tf.Backprop(tangent_control=False)) > 1.0
 
 
+def _support_gradients_by_finite_differences(workload, t_final, eps=1e-5):
+  """Per task of a `workloads.make_workload`, d(query loss)/d(support).
+
+  Central differences, entry by entry, of `reference_loss` (the SciPy
+  W-space flow) in float64: the reference of `launch.gradient_accuracy`'s
+  quantities, independent of the engine.
+  """
+  init_weights, support, queries = (
+    np.asarray(workload[key], np.float64)
+    for key in ("init_weights", "support", "queries")
+  )
+  gradients = []
+  for task in range(len(support)):
+    problem = {
+      "labels": workload["support_labels"][task : task + 1],
+      "query_labels": workload["query_labels"][task : task + 1],
+    }
+    gradient = np.zeros_like(support[task])
+    for index in np.ndindex(gradient.shape):
+      losses = []
+      for sign in (1, -1):
+        moved = support[task : task + 1].copy()
+        moved[(0,) + index] += sign * eps
+        losses.append(
+          reference_loss(
+            problem, init_weights, moved, queries[task : task + 1], t_final
+          )
+        )
+      gradient[index] = (losses[0] - losses[1]) / (2 * eps)
+    gradients.append(gradient)
+  return gradients
+
+
+def test_gradient_accuracy_tool_reference_matches_finite_differences():
+  """`launch.gradient_accuracy`'s reference: float64, tight, task by task.
+
+  Measured: under 1e-9 from the finite differences; 1e-7 in float32, 1e-6
+  and 1e-7 at rtol = atol = 1e-7 and 1e-8 (the tool's is 1e-10); 1.6 with
+  the tasks swapped. A short T: the tool solves eagerly, step by step.
+  """
+  from launch import gradient_accuracy  # pylint: disable=g-import-not-at-top
+  from launch import workloads  # pylint: disable=g-import-not-at-top
+
+  workload = workloads.make_workload(
+    2, 3, 1, 2, 4, shared_mean=1.0, noise=0.3, tied_init=True
+  )
+  references = gradient_accuracy.reference_gradients(workload, 0.2, 100_000)
+  expected = _support_gradients_by_finite_differences(workload, 0.2)
+  assert len(references) == 2
+  for reference, gradient in zip(references, expected):
+    error = np.linalg.norm(reference - gradient) / np.linalg.norm(gradient)
+    assert error < 1e-8, error
+
+
 def test_gradient_accuracy_tool_measures_the_error():
   """`launch.gradient_accuracy` on a stiff task: plain control's error shows.
 
-  Measured in float32: 5e-6 (backprop), 1e-4 (forward), 3e-4 with the
-  state alone under control. Before the solvers weighed the state's error
-  as it enters W, and kept P - Y summing to zero in float32, the last was
-  wrong by more than 100%.
+  Embeddings scaled by 10 make the flow stiff: T = 10 already spans many
+  of its fastest time constants. Measured in float32 against finite
+  differences: 3e-5 (backprop), 7e-5 (forward), 2e-3 with the state alone
+  under control (at T = 1000: 5e-6, 1e-4 and 3e-4). Before the solvers
+  weighed the state's error as it enters W, and kept P - Y summing to zero
+  in float32, the last was wrong by more than 100%.
   """
   from launch import gradient_accuracy  # pylint: disable=g-import-not-at-top
   from launch import workloads  # pylint: disable=g-import-not-at-top
@@ -89,10 +146,13 @@ def test_gradient_accuracy_tool_measures_the_error():
   )
   for key in ("support", "queries"):
     workload[key] = workload[key] * 10
-  references = gradient_accuracy.reference_gradients(workload, 1000.0, 100_000)
+  t_final = 10.0
+  # The tool's own reference (the forward method in float64 at 1e-10,
+  # checked above) agrees with these to 1.5e-8 here.
+  references = _support_gradients_by_finite_differences(workload, t_final)
   errors = {
     method: gradient_accuracy.gradient_errors(
-      workload, 1000.0, method, 1e-5, 100_000, references
+      workload, t_final, method, 1e-5, 100_000, references
     )[0]
     for method in ("forward", "backprop", "backprop_plain")
   }
@@ -148,14 +208,18 @@ def test_tasks_solved_in_groups_match_finite_differences(method_name):
 
 @pytest.mark.parametrize("method_name", ["forward", "backprop", "adjoint"])
 def test_reduced_state_equals_w_space_integration(problem, method_name):
-  weights = comln_tf.adapt(
-    problem["init_weights"],
-    problem["support"],
-    problem["labels"],
-    problem["t_final"],
-    method=method_name,
-    **TIGHTEST,
-  ).numpy()
+  # Traced: eagerly the same ops run one by one, which
+  # test_eager_function_and_xla_agree compares.
+  weights = tf.function(
+    lambda: comln_tf.adapt(
+      problem["init_weights"],
+      problem["support"],
+      problem["labels"],
+      problem["t_final"],
+      method=method_name,
+      **TIGHTEST,
+    )
+  )().numpy()
   for b in range(len(problem["support"])):
     expected = w_space_solution(
       problem["init_weights"],
@@ -192,7 +256,8 @@ def test_rk4_converges_to_the_flow(problem):
     problem["labels"][0],
     problem["t_final"],
     solver="rk4",
-    num_steps=200,
+    # The error is O(h^4): 8.5e-11 at 40 steps, 1.4e-9 at 20.
+    num_steps=40,
   ).numpy()
   expected = w_space_solution(
     problem["init_weights"],
@@ -224,6 +289,43 @@ def test_dopri5_from_a_zero_state_is_accurate_without_a_slow_start(
   assert int(stats.num_evals) == 1 + 6 * int(stats.num_steps)
 
 
+def _loss_and_gradients_function(method, **options):
+  """As `engine_loss_and_gradients`, one tf.function for several problems.
+
+  Problems of the same shapes share its trace.
+
+  Args:
+    method: the gradient method of `adapt`. **options: of `adapt`.
+
+  Returns:
+    A function of a `make_problem` dict returning (query loss, gradients
+    w.r.t. (W0, X, Xq, T) as numpy arrays).
+  """
+
+  @tf.function
+  def run(labels, support, queries, query_labels, init_weights, t_final):
+    with tf.GradientTape() as tape:
+      tape.watch([init_weights, support, queries, t_final])
+      weights = comln_tf.adapt(
+        init_weights, support, labels, t_final, method=method, **options
+      )
+      logits = tf.matmul(queries, weights, transpose_b=True)
+      loss = tf.reduce_mean(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(query_labels, logits)
+      )
+    return loss, tape.gradient(loss, [init_weights, support, queries, t_final])
+
+  def loss_and_gradients(problem):
+    names = ("labels", "support", "queries", "query_labels", "init_weights")
+    loss, grads = run(
+      *(tf.constant(problem[k]) for k in names),
+      tf.constant(problem["t_final"], tf.float64),
+    )
+    return float(loss), [g.numpy() for g in grads]
+
+  return loss_and_gradients
+
+
 @pytest.mark.parametrize("method_name", ["forward", "backprop", "adjoint"])
 def test_batch_equals_each_task_alone(method_name):
   # Tasks of different difficulty take different adaptive steps.
@@ -233,7 +335,9 @@ def test_batch_equals_each_task_alone(method_name):
   # differs between the batch (loss averaged over 3 tasks) and a task alone,
   # so its steps differ: compare it at a tight tolerance.
   options, rtol = (TIGHT, 1e-7) if method_name == "adjoint" else ({}, 1e-9)
-  _, batched = engine_loss_and_gradients(problem, method_name, **options)
+  # One function: the tasks alone (of the same shapes) share a trace.
+  loss_and_gradients = _loss_and_gradients_function(method_name, **options)
+  _, batched = loss_and_gradients(problem)
   for b in range(3):
     alone = {
       k: (
@@ -243,7 +347,7 @@ def test_batch_equals_each_task_alone(method_name):
       )
       for k, v in problem.items()
     }
-    _, single = engine_loss_and_gradients(alone, method_name, **options)
+    _, single = loss_and_gradients(alone)
     # The loss is a mean over tasks: task b alone has 3x its batch share.
     for index in (1, 2):
       np.testing.assert_allclose(
@@ -405,9 +509,11 @@ def test_max_steps_exceeded_under_xla_is_nan_not_silent(problem):
   assert np.all(np.isnan(run().numpy()))
 
 
-# Peak memory of eager meta-gradients at time T, in a fresh process (the CPU
-# allocator only keeps statistics in BFC mode, chosen before TF starts).
+# Peak memory of eager meta-gradients at times T, in a fresh process (the
+# CPU allocator only keeps statistics in BFC mode, chosen before TF starts):
+# one line "method T peak" per method and T, each peak from its own reset.
 _EAGER_PEAK_SCRIPT = """
+import gc
 import sys
 import numpy as np
 import tensorflow as tf
@@ -415,37 +521,62 @@ import comln_tf
 rng = np.random.default_rng(0)
 support = tf.constant(np.abs(rng.normal(size=(1, 10, 16))) + 0.5)
 queries = tf.constant(rng.normal(size=(1, 20, 16)))
-t_final = tf.constant(float(sys.argv[2]), tf.float64)
-with tf.GradientTape() as tape:
-  tape.watch([support, queries, t_final])
-  weights = comln_tf.adapt(tf.zeros([10, 16], tf.float64), support,
-                           np.arange(10)[None], t_final, method=sys.argv[1])
-  loss = tf.reduce_sum(tf.matmul(queries, weights, transpose_b=True) ** 2)
-tape.gradient(loss, [support, queries, t_final])
-print(tf.config.experimental.get_memory_info("CPU:0")["peak"])
+
+def peak(method, t_final):
+  t_final = tf.constant(t_final, tf.float64)
+  tf.config.experimental.reset_memory_stats("CPU:0")
+  with tf.GradientTape() as tape:
+    tape.watch([support, queries, t_final])
+    weights = comln_tf.adapt(tf.zeros([10, 16], tf.float64), support,
+                             np.arange(10)[None], t_final, method=method)
+    loss = tf.reduce_sum(tf.matmul(queries, weights, transpose_b=True) ** 2)
+  tape.gradient(loss, [support, queries, t_final])
+  return tf.config.experimental.get_memory_info("CPU:0")["peak"]
+
+for method in sys.argv[1].split(","):
+  for t_final in sys.argv[2].split(","):
+    print(method, t_final, peak(method, float(t_final)))
+    gc.collect()
 """
 
+_MEMORY_TIMES = (1.0, 10.0)
 
-def _eager_peak_bytes(method, t_final):
+
+@pytest.fixture(scope="module")
+def eager_peak_bytes():
+  """{(method, T): peak bytes} of eager meta-gradients, one process for all."""
   result = subprocess.run(
-    [sys.executable, "-c", _EAGER_PEAK_SCRIPT, method, str(t_final)],
+    [
+      sys.executable,
+      "-c",
+      _EAGER_PEAK_SCRIPT,
+      "forward,adjoint",
+      ",".join(str(t) for t in _MEMORY_TIMES),
+    ],
     capture_output=True,
     text=True,
     timeout=300,
     check=True,
     env=dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true"),
   )
-  return int(result.stdout.split()[-1])
+  peaks = {}
+  for line in result.stdout.splitlines():
+    method, t_final, peak = line.split()
+    peaks[method, float(t_final)] = int(peak)
+  return peaks
 
 
 @pytest.mark.parametrize("method", ["forward", "adjoint"])
-def test_eager_memory_does_not_grow_with_time(method):
+def test_eager_memory_does_not_grow_with_time(eager_peak_bytes, method):
   # In eager mode a tape records whatever runs inside tf.custom_gradient
   # unless the engine cuts it; then every solver step would be kept.
-  # T = 30 and 300: 22 and 50 forward solver steps. Growth
-  # with T would add at least a step's 7 Runge-Kutta stages of s and its
-  # sensitivities (7 x 105 KB here) per step. The slack, half of that,
-  # covers where eager allocation order puts the peak (up to ~0.15 MB
-  # apart from T = 30 to 3,000).
-  short, long = (_eager_peak_bytes(method, t) for t in (30.0, 300.0))
+  # T = 1 and 10: 4 and 13 solver steps. Growth with T would add at least
+  # a step's 7 Runge-Kutta stages of s and its sensitivities (7 x 105 KB
+  # here) per step (without the cut, measured: 12.8 MB per step for
+  # forward; 1.1 MB in all from T = 1 to 10 for the adjoint). The slack,
+  # half of the 7 x 105 KB, covers where eager allocation order puts the
+  # peak (the same at T = 1 and 10, 0.26 MB apart from T = 1 to 3,000).
+  # Each peak follows a reset of the statistics, after the runs before it
+  # in the process: anything they left allocated only adds to it.
+  short, long = (eager_peak_bytes[method, t] for t in _MEMORY_TIMES)
   assert long <= short + 7 * 105_000 // 2, (short, long)

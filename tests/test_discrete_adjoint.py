@@ -52,32 +52,29 @@ def test_gradients_match_finite_differences(checkpoints):
 
 
 def test_xla_batched_soft_labels_match_finite_differences():
-  # Three tasks of different difficulty (their own steps), soft labels,
-  # XLA; and again solved in groups of 2 (the last padded).
+  # Three tasks of different difficulty (their own steps: about 17, 69 and
+  # 23), soft labels, XLA. Solved at once with 4 checkpoint slots, which
+  # the steps thin out, so that the reverse pass replays steps from the
+  # checkpoints under XLA; and again in groups of 2 (the last padded) with
+  # the default slots.
   problem = make_problem(num_tasks=3, seed=11)
   problem["support"][1] *= 3.0
   rng = np.random.default_rng(12)
   problem["labels"] = 0.7 * np.eye(3)[problem["labels"]] + 0.3 * softmax(
     rng.normal(size=problem["labels"].shape + (3,))
   )
-  for options in ({}, dict(tasks_per_solve=2)):
+  for method, options in (
+    (comln_tf.DiscreteAdjoint(checkpoints=4), {}),
+    ("discrete_adjoint", dict(tasks_per_solve=2)),
+  ):
     loss, grads = engine_loss_and_gradients(
-      problem, "discrete_adjoint", jit_compile=True, **TIGHT, **options
+      problem, method, jit_compile=True, **TIGHT, **options
     )
     point = [
       problem[n] for n in ("init_weights", "support", "queries", "t_final")
     ]
     assert loss == pytest.approx(reference_loss(problem, *point), rel=1e-8)
     _assert_matches_finite_differences(problem, grads)
-
-
-def test_xla_replay_of_thinned_checkpoints_matches_finite_differences():
-  problem = make_problem(num_tasks=2, seed=13)
-  problem["support"][0] *= 2.0
-  _, grads = engine_loss_and_gradients(
-    problem, comln_tf.DiscreteAdjoint(checkpoints=4), jit_compile=True, **TIGHT
-  )
-  _assert_matches_finite_differences(problem, grads)
 
 
 @pytest.mark.parametrize(
@@ -120,14 +117,17 @@ def test_step_control_keeps_the_gradient_accurate_at_large_t():
   # another random probe direction than TensorFlow: both must protect.
   for jit_compile in (False, True):
     assert relative_error("discrete_adjoint", jit_compile) < 0.05
-  # The problem does exercise the failure.
+  # The problem does exercise the failure: 290%, with or without XLA
+  # (no probe here), so without.
   assert (
-    relative_error(comln_tf.DiscreteAdjoint(tangent_control=False), True) > 1.0
+    relative_error(comln_tf.DiscreteAdjoint(tangent_control=False), False) > 1.0
   )
 
 
-# Peak memory of an XLA meta-gradient, in a fresh process (the CPU
-# allocator keeps statistics only in BFC mode, chosen before TF starts).
+# Peak memory of XLA meta-gradients, in a fresh process (the CPU allocator
+# keeps statistics only in BFC mode, chosen before TF starts): for each
+# max_steps (a constant of the compiled function) and T (an argument of it),
+# one line "T max_steps accepted_steps peak".
 _PEAK_SCRIPT = """
 import sys
 import numpy as np
@@ -136,49 +136,68 @@ import comln_tf
 rng = np.random.default_rng(0)
 support = tf.constant(np.abs(rng.normal(size=(2, 20, 16))) + 0.5)
 queries = tf.constant(rng.normal(size=(2, 20, 16)))
-t_final = tf.constant(float(sys.argv[1]), tf.float64)
 
-@tf.function(jit_compile=True)
-def run(support, queries, t_final):
-  with tf.GradientTape() as tape:
-    tape.watch([support, queries, t_final])
-    weights, stats = comln_tf.adapt(
-        tf.zeros([20, 16], tf.float64), support, np.tile(np.arange(20), (2, 1)),
-        t_final, method="discrete_adjoint", max_steps=int(sys.argv[2]),
-        return_stats=True)
-    loss = tf.reduce_sum(tf.matmul(queries, weights, transpose_b=True) ** 2)
-  return tape.gradient(loss, [support, queries, t_final]), stats.num_steps
+def compiled(max_steps):
+  @tf.function(jit_compile=True)
+  def run(support, queries, t_final):
+    with tf.GradientTape() as tape:
+      tape.watch([support, queries, t_final])
+      weights, stats = comln_tf.adapt(
+          tf.zeros([20, 16], tf.float64), support,
+          np.tile(np.arange(20), (2, 1)), t_final, method="discrete_adjoint",
+          max_steps=max_steps, return_stats=True)
+      loss = tf.reduce_sum(tf.matmul(queries, weights, transpose_b=True) ** 2)
+    return tape.gradient(loss, [support, queries, t_final]), stats.num_steps
+  return run
 
-run(support, queries, t_final)
-peaks = []
-for _ in range(3):  # The least of 3: a stray 2 MiB buffer comes and goes.
-  tf.config.experimental.reset_memory_stats("CPU:0")
-  grads, steps = run(support, queries, t_final)
-  peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"])
-print(int(steps), min(peaks))
+for case in sys.argv[1:]:
+  max_steps, t_finals = case.split(":")
+  run = compiled(int(max_steps))
+  for t_final in t_finals.split(","):
+    t_final = tf.constant(float(t_final), tf.float64)
+    run(support, queries, t_final)
+    peaks = []
+    for _ in range(3):  # The least of 3: a stray 2 MiB buffer comes and goes.
+      tf.config.experimental.reset_memory_stats("CPU:0")
+      grads, steps = run(support, queries, t_final)
+      peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"])
+      del grads
+    print(float(t_final), max_steps, int(steps), min(peaks))
 """
 
 
-def _peak_bytes(t_final, max_steps):
+def _peak_bytes(*cases):
+  """{(T, max_steps): (accepted steps, peak bytes)}, one process for all.
+
+  Args:
+    *cases: (max_steps, [T, ...]): one compiled function per max_steps.
+  """
   result = subprocess.run(
-    [sys.executable, "-c", _PEAK_SCRIPT, str(t_final), str(max_steps)],
+    [sys.executable, "-c", _PEAK_SCRIPT]
+    + [f"{steps}:{','.join(map(str, times))}" for steps, times in cases],
     capture_output=True,
     text=True,
     timeout=300,
     check=True,
     env=dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true"),
   )
-  steps, peak = result.stdout.split()[-2:]
-  return int(steps), int(peak)
+  peaks = {}
+  for line in result.stdout.splitlines():
+    t_final, max_steps, steps, peak = line.split()
+    peaks[float(t_final), int(max_steps)] = int(steps), int(peak)
+  return peaks
 
 
 def test_memory_depends_neither_on_t_nor_on_max_steps():
-  short_steps, short = _peak_bytes(1.0, 1_000)
-  long_steps, long = _peak_bytes(3000.0, 1_000)
-  _, long_budget = _peak_bytes(3000.0, 100_000)
-  # A stray 2 MiB buffer comes and goes between processes: 1 MiB of slack,
+  peaks = _peak_bytes((1_000, [1.0, 3000.0]), (100_000, [3000.0]))
+  short_steps, short = peaks[1.0, 1_000]
+  long_steps, long = peaks[3000.0, 1_000]
+  _, long_budget = peaks[3000.0, 100_000]
+  # A stray 2 MiB buffer comes and goes between runs: 1 MiB of slack,
   # against 4.5 MB if the records grew with the steps (88 more steps of
   # 2 tasks x 8 M N float64) and far more if buffers grew with max_steps.
+  # Each peak follows a reset of the statistics, after the runs before it
+  # in the process: anything they left allocated only adds to it.
   slack = 2**20
   assert long_steps >= 5 * short_steps  # T matters to the solve...
   assert long <= 1.1 * short + slack, (short, long)  # ...not to the memory,
@@ -197,13 +216,13 @@ def test_auto_picks_by_solver_and_shape():
   )
 
 
-@pytest.mark.parametrize(
-  "solver, options", [("dopri5", {}), ("rk4", dict(num_steps=400))]
-)
-def test_auto_matches_finite_differences(solver, options):
+def test_auto_matches_finite_differences():
+  # With rk4, auto runs Forward. With dopri5 it runs DiscreteAdjoint()
+  # (test_auto_picks_by_solver_and_shape), the method of
+  # test_gradients_match_finite_differences[None].
   problem = make_problem(seed=14)
   _, grads = engine_loss_and_gradients(
-    problem, "auto", jit_compile=False, solver=solver, **TIGHT, **options
+    problem, "auto", jit_compile=False, solver="rk4", num_steps=400, **TIGHT
   )
   _assert_matches_finite_differences(problem, grads)
 
