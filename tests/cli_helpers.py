@@ -4,6 +4,7 @@ Every process these helpers start is bounded by a timeout, and the
 `processes` fixture of a test kills whatever is still running at its end.
 """
 
+import json
 import os
 import pathlib
 import re
@@ -232,3 +233,77 @@ def assert_same_values(actual, expected, rtol=0.0, atol=0.0):
     np.testing.assert_allclose(
       actual[name], expected[name], rtol=rtol, atol=atol, err_msg=name
     )
+
+
+# Runs `python -m <module>` once per JSON list of arguments (argv[2]): the
+# module (and TensorFlow) is imported once, then each invocation is a
+# process of its own, forked from this one, with its own flags, exit status,
+# stdout and stderr. Its stdout and stderr go to files; SIGALRM ends one that
+# hangs.
+_INVOCATIONS_SCRIPT = r"""
+import importlib
+import json
+import os
+import signal
+import sys
+import tempfile
+
+from absl import app
+
+module = importlib.import_module(sys.argv[1])
+timeout = int(sys.argv[3])
+results = []
+for args in json.loads(sys.argv[2]):
+  with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+      signal.alarm(timeout)
+      os.dup2(out.fileno(), 1)
+      os.dup2(err.fileno(), 2)
+      sys.argv = [module.__file__] + args
+      app.run(module.main)  # Exits this process, as `python -m` would.
+    _, status = os.waitpid(pid, 0)
+    texts = []
+    for f in (out, err):
+      f.seek(0)
+      texts.append(f.read().decode())
+  results.append([os.waitstatus_to_exitcode(status)] + texts)
+print(json.dumps(results))
+"""
+
+
+def run_invocations(module, arg_lists, timeout=180):
+  """Runs `python -m module args` for each list of `arg_lists`.
+
+  Each is a separate process (see _INVOCATIONS_SCRIPT); they share the
+  start-up of one interpreter.
+
+  Returns:
+    list of subprocess.CompletedProcess (text stdout and stderr), in order.
+  """
+  arg_lists = [[str(arg) for arg in args] for args in arg_lists]
+  driver = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      _INVOCATIONS_SCRIPT,
+      module,
+      json.dumps(arg_lists),
+      str(timeout),
+    ],
+    cwd=REPO,
+    env=environment(),
+    capture_output=True,
+    text=True,
+    timeout=60 + timeout * len(arg_lists),
+    check=False,
+  )
+  assert driver.returncode == 0, driver.stderr[-3000:]
+  return [
+    subprocess.CompletedProcess(["-m", module] + args, code, stdout, stderr)
+    for args, (code, stdout, stderr) in zip(
+      arg_lists, json.loads(driver.stdout.splitlines()[-1])
+    )
+  ]

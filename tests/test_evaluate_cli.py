@@ -43,80 +43,6 @@ def run_dir(tmp_path_factory):
   return model_dir
 
 
-# Runs `python -m <module>` once per JSON list of arguments (argv[2]): the
-# module (and TensorFlow) is imported once, then each invocation is a
-# process of its own, forked from this one, with its own flags, exit status,
-# stdout and stderr. Its stdout and stderr go to files; SIGALRM ends one that
-# hangs.
-_INVOCATIONS_SCRIPT = r"""
-import importlib
-import json
-import os
-import signal
-import sys
-import tempfile
-
-from absl import app
-
-module = importlib.import_module(sys.argv[1])
-timeout = int(sys.argv[3])
-results = []
-for args in json.loads(sys.argv[2]):
-  with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-      signal.alarm(timeout)
-      os.dup2(out.fileno(), 1)
-      os.dup2(err.fileno(), 2)
-      sys.argv = [module.__file__] + args
-      app.run(module.main)  # Exits this process, as `python -m` would.
-    _, status = os.waitpid(pid, 0)
-    texts = []
-    for f in (out, err):
-      f.seek(0)
-      texts.append(f.read().decode())
-  results.append([os.waitstatus_to_exitcode(status)] + texts)
-print(json.dumps(results))
-"""
-
-
-def run_invocations(module, arg_lists, timeout=180):
-  """Runs `python -m module args` for each list of `arg_lists`.
-
-  Each is a separate process (see _INVOCATIONS_SCRIPT); they share the
-  start-up of one interpreter.
-
-  Returns:
-    list of subprocess.CompletedProcess (text stdout and stderr), in order.
-  """
-  arg_lists = [[str(arg) for arg in args] for args in arg_lists]
-  driver = subprocess.run(
-    [
-      sys.executable,
-      "-c",
-      _INVOCATIONS_SCRIPT,
-      module,
-      json.dumps(arg_lists),
-      str(timeout),
-    ],
-    cwd=cli_helpers.REPO,
-    env=cli_helpers.environment(),
-    capture_output=True,
-    text=True,
-    timeout=60 + timeout * len(arg_lists),
-    check=False,
-  )
-  assert driver.returncode == 0, driver.stderr[-3000:]
-  return [
-    subprocess.CompletedProcess(["-m", module] + args, code, stdout, stderr)
-    for args, (code, stdout, stderr) in zip(
-      arg_lists, json.loads(driver.stdout.splitlines()[-1])
-    )
-  ]
-
-
 def _direct_accuracies(model_dir, num_episodes):
   """Per-episode test accuracies: one eager call, numpy argmax each."""
   model, _ = training.restore_model(str(model_dir))
@@ -198,7 +124,7 @@ def invocations(run_dir, tmp_path_factory):
   evaluation_args = ["--episodes=6", "--batch_size=2", f"--output={output}"]
   # The refusals ask for few episodes, so that a regression fails fast.
   refusal_args = [["--episodes=4"] + args for args, _ in cases]
-  evaluation_run, *refusals = run_invocations(
+  evaluation_run, *refusals = cli_helpers.run_invocations(
     "launch.evaluate",
     [
       [f"--model_dir={run_dir}"] + args

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import cli_helpers
 from comln_tf import data
 from comln_tf import evaluation
 from comln_tf import training
@@ -17,7 +18,6 @@ from evaluation_helpers import direct_accuracies
 from evaluation_helpers import direct_summary
 from evaluation_helpers import make_run_dir
 from evaluation_helpers import run_episodes
-from test_evaluate_cli import run_invocations
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,7 @@ def test_evaluate_cli_prints_and_writes_json(run_dir, tmp_path):
     (["--ways=0"], "ways must be an integer >= 1; got 0"),
   ]
   # An evaluation, then refusals: separate invocations (processes).
-  result, *refusals = run_invocations(
+  result, *refusals = cli_helpers.run_invocations(
     "launch.evaluate",
     [
       [
