@@ -8,12 +8,13 @@ every machine is evaluated on the same episodes.
 
 from collections.abc import Callable, Mapping, Sequence
 import datetime
+import io
 import json
 import logging
 import math
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
@@ -127,7 +128,7 @@ class ProgressLog:
     self._start = self._last = time.monotonic()
     self._next = self._step
 
-  def update(self, accuracies: Sequence[float]) -> None:
+  def update(self, accuracies: Sequence[float] | np.ndarray) -> None:
     """Counts the accuracies of more episodes; logs a line when due."""
     self._done += len(accuracies)
     self._correct += float(np.sum(accuracies))
@@ -203,10 +204,27 @@ def check_classifier(classifier: str) -> None:
     )
 
 
-def accuracy_function(
+class Predictions(NamedTuple):
+  """What a classifier made of episodes' queries (numpy, episodes in order).
+
+  Attributes:
+    accuracies: float64 [n], the fraction of each episode's queries
+      classified correctly, NaN for an episode whose logits are not all
+      finite.
+    classes: int32 [n, Q], each query's predicted class (its largest logit).
+    margins: float32 [n, Q], each query's two largest logits' difference
+      (near 0: a near-tie, which rounding may order either way).
+  """
+
+  accuracies: np.ndarray
+  classes: np.ndarray
+  margins: np.ndarray
+
+
+def prediction_function(
   model: keras.Model, classifier: str = "comln"
-) -> Callable[[Mapping[str, tf.Tensor]], tf.Tensor]:
-  """A compiled function: meta-batch of episodes -> accuracy per episode.
+) -> Callable[[Mapping[str, tf.Tensor]], tuple[tf.Tensor, ...]]:
+  """A compiled function: meta-batch of episodes -> `Predictions` (tensors).
 
   Args:
     model: a COMLN.
@@ -215,11 +233,10 @@ def accuracy_function(
 
   Returns:
     tf.function taking an episode dict with a task axis (see
-    `comln_tf.data.meta_batches`) and returning float64 [B], the fraction
-    of each episode's queries classified correctly, or NaN for an episode
-    whose logits are not all finite (no class is read from them: argmax
-    would make NaN rows class 0). The adaptation uses the plain solve
-    (`training=False`).
+    `comln_tf.data.meta_batches`) and returning `Predictions` of tensors
+    for its B episodes. No class is read from non-finite logits (argmax
+    would make NaN rows class 0): such an episode's accuracy is NaN. The
+    adaptation uses the plain solve (`training=False`).
 
   Raises:
     ValueError: unknown `classifier`.
@@ -227,7 +244,7 @@ def accuracy_function(
   check_classifier(classifier)
 
   @tf.function(reduce_retracing=True)
-  def accuracies(episodes):
+  def predictions(episodes):
     if classifier == "comln":
       logits = model(episodes, training=False)
     else:
@@ -235,27 +252,36 @@ def accuracy_function(
       logits = prototype_logits(
         support, tf.cast(episodes["support_labels"], tf.int32), query
       )
-    predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    correct = tf.equal(predictions, tf.cast(episodes["query_labels"], tf.int32))
+    classes = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    correct = tf.equal(classes, tf.cast(episodes["query_labels"], tf.int32))
     accuracy = tf.reduce_mean(tf.cast(correct, tf.float64), axis=-1)
     finite = tf.reduce_all(tf.math.is_finite(logits), axis=[-2, -1])
-    return tf.where(finite, accuracy, tf.constant(math.nan, tf.float64))
+    top2 = tf.math.top_k(logits, k=2).values
+    return Predictions(
+      tf.where(finite, accuracy, tf.constant(math.nan, tf.float64)),
+      classes,
+      tf.cast(top2[..., 0] - top2[..., 1], tf.float32),
+    )
 
-  return accuracies
+  return predictions
 
 
-def episode_accuracies(
-  accuracy_fn: Callable[[Mapping[str, tf.Tensor]], tf.Tensor],
+def episode_predictions(
+  prediction_fn: Callable[[Mapping[str, tf.Tensor]], tuple[tf.Tensor, ...]],
   episodes: tf.data.Dataset,
   batch_size: int,
   *,
   progress: bool = False,
   what: str = "Evaluation",
-) -> np.ndarray:
-  """Runs `accuracy_fn` over a finite set of episodes.
+) -> Predictions:
+  """Runs `prediction_fn` over a finite set of episodes.
+
+  A last batch shorter than the others is padded with copies of its last
+  episode (each episode is classified on its own), so that `prediction_fn`
+  is traced for one batch shape only.
 
   Args:
-    accuracy_fn: from `accuracy_function`.
+    prediction_fn: from `prediction_function`.
     episodes: tf.data.Dataset of single (unbatched) episodes, e.g. from
       `comln_tf.data.eval_episodes`.
     batch_size: episodes per call.
@@ -263,7 +289,7 @@ def episode_accuracies(
     what: the first words of the progress lines and errors.
 
   Returns:
-    float64 numpy array [n], the accuracy of each episode, in order.
+    `Predictions` of the n episodes, numpy arrays in order.
 
   Raises:
     NonFiniteLogitsError: at the first call with non-finite logits.
@@ -281,16 +307,24 @@ def episode_accuracies(
   results = []
   done = 0
   for batch in episodes.batch(batch_size):
-    accuracies = accuracy_fn(batch).numpy()
-    bad = np.flatnonzero(np.isnan(accuracies))
+    size = int(batch["query_labels"].shape[0])
+    if done and size < batch_size:
+      batch = {
+        key: tf.concat([value, tf.repeat(value[-1:], batch_size - size, 0)], 0)
+        for key, value in batch.items()
+      }
+    predictions = Predictions(
+      *(value.numpy()[:size] for value in prediction_fn(batch))
+    )
+    bad = np.flatnonzero(np.isnan(predictions.accuracies))
     if bad.size:
       raise NonFiniteLogitsError(
         non_finite_message(what, list(done + bad), max(total, 0))
       )
-    done += accuracies.size
-    results.append(accuracies)
-    log.update(accuracies)
-  return np.concatenate(results)
+    done += size
+    results.append(predictions)
+    log.update(predictions.accuracies)
+  return Predictions(*(np.concatenate(field) for field in zip(*results)))
 
 
 def summarize(accuracies: Sequence[float] | np.ndarray) -> dict[str, Any]:
@@ -342,14 +376,15 @@ def evaluate(
     rotate_classes: rotate each class of an episode by a random multiple of
       90 degrees, as MAML's Omniglot evaluation does (see
       `data.eval_episodes`).
-    classifier: "comln" or "prototypes" (see `accuracy_function`).
+    classifier: "comln" or "prototypes" (see `prediction_function`).
     class_sampling: how the episodes draw their classes
       (`data.CLASS_SAMPLING`; "within_alphabet": all from one alphabet).
     progress: log progress lines (comln_tf.evaluation's logger, INFO).
 
   Returns:
     dict of `summarize` plus ways, shots, queries, seed, split,
-    rotate_classes, classifier and class_sampling.
+    rotate_classes, classifier, class_sampling and "predictions" (the
+    `Predictions` of every episode).
 
   Raises:
     ValueError: ways < 2, the class set cannot make such episodes, or
@@ -368,15 +403,15 @@ def evaluate(
     rotate_classes=rotate_classes,
     class_sampling=class_sampling,
   )
-  accuracies = episode_accuracies(
-    accuracy_function(model, classifier),
+  predictions = episode_predictions(
+    prediction_function(model, classifier),
     episodes,
     batch_size,
     progress=progress,
     what=f"Evaluation on {class_set.split} episodes",
   )
   return {
-    **summarize(accuracies),
+    **summarize(predictions.accuracies),
     "ways": ways,
     "shots": shots,
     "queries": queries,
@@ -385,25 +420,72 @@ def evaluate(
     "rotate_classes": rotate_classes,
     "classifier": classifier,
     "class_sampling": class_sampling,
+    "predictions": predictions,
   }
 
 
 def write_json(path: str, value: Any) -> None:
-  """Writes `value` as JSON to `path`, atomically (temporary file + rename).
+  """Writes `value` as JSON to `path`, atomically (see `_write_atomically`).
+
+  Args:
+    path: str, the output file; its directory is created if needed.
+    value: JSON-serializable value.
+  """
+  text = json.dumps(value, indent=2, sort_keys=True) + "\n"
+  _write_atomically(path, "w", lambda f: f.write(text))
+
+
+def predictions_path(result_path: str) -> str:
+  """Where the predictions of the evaluation result JSON `result_path` go:
+  its name with ".predictions.npz" for ".json"."""
+  return result_path.removesuffix(".json") + ".predictions.npz"
+
+
+def write_predictions(path: str, predictions: Predictions) -> None:
+  """Writes `predictions` to `path` (.npz), atomically.
+
+  Args:
+    path: str, the output file; its directory is created if needed.
+    predictions: numpy `Predictions`.
+  """
+  buffer = io.BytesIO()
+  np.savez(buffer, **predictions._asdict())
+  _write_atomically(path, "wb", lambda f: f.write(buffer.getvalue()))
+
+
+def read_predictions(path: str) -> Predictions:
+  """The `Predictions` that `write_predictions` wrote to `path`.
+
+  Raises:
+    OSError or tf.errors.OpError: the file cannot be read.
+    ValueError: it is not such a file.
+  """
+  with tf.io.gfile.GFile(path, "rb") as f:
+    contents = io.BytesIO(f.read())
+  try:
+    with np.load(contents) as arrays:
+      return Predictions(*(arrays[name] for name in Predictions._fields))
+  except (KeyError, OSError, EOFError, ValueError) as error:
+    raise ValueError(f"{path} holds no evaluation predictions") from error
+
+
+def _write_atomically(path, mode, write):
+  """Calls `write(file)` on a temporary file, then renames it to `path`.
 
   A reader, or a run killed mid-write, never sees half a file.
 
   Args:
     path: str, the output file; its directory is created if needed.
-    value: JSON-serializable value.
+    mode: "w" (text) or "wb" (bytes).
+    write: callable writing the contents to the open file.
   """
   directory = os.path.dirname(path)
   if directory:
     tf.io.gfile.makedirs(directory)
   partial = f"{path}.tmp-{os.getpid()}"
   try:
-    with tf.io.gfile.GFile(partial, "w") as f:
-      f.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
+    with tf.io.gfile.GFile(partial, mode) as f:
+      write(f)
     tf.io.gfile.rename(partial, path, overwrite=True)
   finally:
     if tf.io.gfile.exists(partial):
@@ -431,17 +513,30 @@ def check_writable(path: str) -> None:
   tf.io.gfile.remove(probe)
 
 
-def is_evaluation_result(path: str) -> bool:
-  """Whether `path` holds an evaluation result JSON (`evaluate`'s keys)."""
+# Keys every evaluation result JSON has (`evaluate`'s).
+_RESULT_KEYS = frozenset({"accuracy", "ci95", "episodes", "ways", "split"})
+
+
+def read_result(path: str) -> dict[str, Any]:
+  """The evaluation result JSON at `path` (written by `write_json`).
+
+  Raises:
+    ValueError: `path` cannot be read or holds no evaluation result.
+  """
   try:
     with tf.io.gfile.GFile(path) as f:
       value = json.load(f)
-  except (OSError, tf.errors.OpError, ValueError):
+  except (OSError, tf.errors.OpError, ValueError) as error:
+    raise ValueError(f"{path} cannot be read as JSON: {error}") from error
+  if not (isinstance(value, dict) and set(value) >= _RESULT_KEYS):
+    raise ValueError(f"{path} holds no evaluation result")
+  return value
+
+
+def is_evaluation_result(path: str) -> bool:
+  """Whether `path` holds an evaluation result JSON (`evaluate`'s keys)."""
+  try:
+    read_result(path)
+  except ValueError:
     return False
-  return isinstance(value, dict) and {
-    "accuracy",
-    "ci95",
-    "episodes",
-    "ways",
-    "split",
-  } <= set(value)
+  return True

@@ -1,20 +1,23 @@
-r"""Checks that a SavedModel serves the model `launch.evaluate` evaluates.
+r"""Checks that a SavedModel serves the model `launch.evaluate` evaluated.
 
-Runs the export's adapt_and_predict_batch signature (each task served as
-adapt_and_predict serves it alone, many tasks per request) and the Keras
-model that `launch.evaluate` restores (same run, same default checkpoint)
-on the fixed test episodes of the evaluation
-protocol; prints the checkpoint and step of both, the served model's
-accuracy, and how many predicted classes differ. Exits with an error if the
-export comes from another checkpoint, if a prediction differs where the
-Keras model's two best logits are not within rounding of each other, or if
-either model gives NaN or infinite logits. Logs a line as each step starts
-and a progress line every 10% of the episodes (and at least every 5 s)
-unless --noprogress.
+Replays the fixed test episodes of a `launch.evaluate` result through the
+export's adapt_and_predict_batch signature (each task served as
+adapt_and_predict serves it alone, many tasks per request) and compares
+the served classes with the predictions the evaluation recorded beside
+its JSON; prints the checkpoint and step of both, the served model's
+accuracy, and how many predicted classes differ. Exits with an error if
+the export comes from another checkpoint, if a prediction differs where
+the evaluated model's two best logits are not within rounding of each
+other, or if the export gives NaN or infinite logits. Logs a line as each
+step starts and a progress line every 10% of the episodes (and at least
+every 5 s) unless --noprogress.
 
 Usage:
-  python -m export.check_served --model_dir=runs/omniglot_5w1s \
-      --export_dir=exports/omniglot_5w1s/1 --queries=15
+  python -m launch.evaluate --model_dir=runs/omniglot_5w1s \
+      --output=runs/omniglot_5w1s/evaluation_test.json
+  python -m export.check_served \
+      --evaluation=runs/omniglot_5w1s/evaluation_test.json \
+      --export_dir=exports/omniglot_5w1s/1
 """
 
 import sys
@@ -27,25 +30,13 @@ from comln_tf import training
 from export import served_check
 import launch
 
-_MODEL_DIR = flags.DEFINE_string("model_dir", None, "The training run.")
+_EVALUATION = flags.DEFINE_string(
+  "evaluation",
+  None,
+  "The result JSON of launch.evaluate (its predictions beside it).",
+)
 _EXPORT_DIR = flags.DEFINE_string(
   "export_dir", None, "The export: a version folder <export_base>/<N>."
-)
-_CHECKPOINT = flags.DEFINE_enum(
-  "checkpoint",
-  "auto",
-  training.CHECKPOINTS,
-  "The checkpoint launch.evaluate evaluates (its --checkpoint).",
-)
-_EPISODES = flags.DEFINE_integer(
-  "episodes", 1000, "Test episodes.", lower_bound=1
-)
-_WAYS = flags.DEFINE_integer("ways", None, "Default: the run's.", lower_bound=2)
-_SHOTS = flags.DEFINE_integer(
-  "shots", None, "Default: the run's.", lower_bound=1
-)
-_QUERIES = flags.DEFINE_integer(
-  "queries", None, "Default: the run's.", lower_bound=1
 )
 _PROGRESS = flags.DEFINE_bool(
   "progress",
@@ -53,7 +44,7 @@ _PROGRESS = flags.DEFINE_bool(
   "Log a line as each step starts and a progress line (episodes done, "
   "served accuracy so far) every 10% of the episodes and at least every 5 s.",
 )
-flags.mark_flags_as_required(["model_dir", "export_dir"])
+flags.mark_flags_as_required(["evaluation", "export_dir"])
 
 
 def main(argv):
@@ -64,14 +55,7 @@ def main(argv):
   launch.quiet_library_logs()
   try:
     result = served_check.compare(
-      _MODEL_DIR.value,
-      _EXPORT_DIR.value,
-      which=_CHECKPOINT.value,
-      num_episodes=_EPISODES.value,
-      ways=_WAYS.value,
-      shots=_SHOTS.value,
-      queries=_QUERIES.value,
-      progress=_PROGRESS.value,
+      _EVALUATION.value, _EXPORT_DIR.value, progress=_PROGRESS.value
     )
   except (
     training.ConfigError,
@@ -80,13 +64,13 @@ def main(argv):
   ) as error:
     sys.exit(f"check_served: {error}")
   print(
-    f"launch.evaluate's model: {result['checkpoint']} (step "
+    f"The evaluated model: {result['checkpoint']} (step "
     f"{result['step']}); the export {_EXPORT_DIR.value}: "
     f"{result['export_checkpoint']} (step {result['export_step']})."
   )
   print(
-    f"Served model on {result['episodes']} test episodes: accuracy "
-    f"{100 * result['served_accuracy']:.2f}% (launch.evaluate's model: "
+    f"Served model on the {result['episodes']} episodes: accuracy "
+    f"{100 * result['served_accuracy']:.2f}% (the evaluated model: "
     f"{100 * result['evaluated_accuracy']:.2f}%); "
     f"{result['disagreements']} of {result['queries']} queries "
     f"classified differently ({result['ties']} of them near-ties)."
@@ -94,7 +78,7 @@ def main(argv):
   if result["export_checkpoint"] != result["checkpoint"]:
     sys.exit(
       "check_served: the export comes from another checkpoint than "
-      "the one launch.evaluate evaluates."
+      "the evaluated one."
     )
   if result["disagreements"] > result["ties"]:
     sys.exit(

@@ -1,11 +1,12 @@
-"""Whether a SavedModel serves the model `launch.evaluate` evaluates.
+"""Whether a SavedModel serves the model `launch.evaluate` evaluated.
 
-`compare` runs the export's adapt_and_predict_batch signature (each task
-served as adapt_and_predict serves it alone; as many tasks per request as
-the export's request limits and the run's meta-batch allow) and the Keras
-model that `launch.evaluate` restores (same run, same default checkpoint)
-on the fixed test episodes of the evaluation protocol. `export.check_served`
-is its command line.
+`compare` replays the episodes of an evaluation result (the JSON
+`launch.evaluate` writes, and the predictions it records beside it)
+through the export's adapt_and_predict_batch signature (each task served
+as adapt_and_predict serves it alone; as many tasks per request as the
+export's request limits and the run's meta-batch allow), and compares
+the served classes with the recorded ones. `export.check_served` is its
+command line.
 """
 
 import logging
@@ -26,68 +27,53 @@ _LOG = logging.getLogger(__name__)
 
 
 def compare(
-  model_dir: str,
-  export_dir: str,
-  *,
-  which: str = "auto",
-  num_episodes: int = 1000,
-  ways: int | None = None,
-  shots: int | None = None,
-  queries: int | None = None,
-  seed: int = evaluation.TEST_SEED,
-  progress: bool = True,
+  evaluation_file: str, export_dir: str, *, progress: bool = True
 ) -> dict:
-  """Predictions of an export and of launch.evaluate's model, compared.
+  """An export's predictions against those of an evaluation result.
 
   Args:
-    model_dir: str, the training run's directory.
+    evaluation_file: str, the result JSON of `launch.evaluate` (COMLN's
+      classifier), with its predictions file beside it.
     export_dir: str, a SavedModel version folder written by export_model.
-    which: the checkpoint launch.evaluate uses ("auto": best, else latest).
-    num_episodes, seed: the test episodes (launch.evaluate's defaults).
-    ways, shots, queries: the episodes' shape (None: the run's); ways >= 2.
     progress: log a line as each step starts, and progress lines over the
       episodes (episodes done, served accuracy so far).
 
   Returns:
-    dict: "checkpoint" and "step" (launch.evaluate's), "export_checkpoint"
+    dict: "checkpoint" and "step" (the evaluation's), "export_checkpoint"
     and "export_step" (the export's metadata), "episodes", "queries" (in
     all), "served_accuracy" and "evaluated_accuracy" (mean over episodes),
-    "served_classes" and "evaluated_classes" (int64 [episodes, N*q]),
+    "served_classes" and "evaluated_classes" (int [episodes, N*q]),
     "disagreements" (queries classified differently) and "ties" (those of
-    them with a top-2 logit margin below TIE_MARGIN).
+    them whose evaluated top-2 logit margin is below TIE_MARGIN).
 
   Raises:
-    training.ConfigError: no such run or checkpoint, bad episode shape.
-    evaluation.NonFiniteLogitsError: either model gave NaN or infinite
+    training.ConfigError: naming the file: no evaluation result or
+      predictions, another classifier or T than the export's, episodes the
+      run's classes cannot make.
+    evaluation.NonFiniteLogitsError: the export gave NaN or infinite
       logits (no class is read from them).
   """
-  if ways is not None:
-    try:
-      evaluation.check_ways(ways)
-    except ValueError as error:
-      raise training.ConfigError(f"{error}.") from error
   log = _LOG.info if progress else _LOG.debug
-  log("Restoring launch.evaluate's model from %s.", model_dir)
-  model, config, path, _, step = training.evaluation_model(model_dir, which)
+  log("Reading the evaluation %s.", evaluation_file)
+  result, recorded = _evaluation(evaluation_file)
   metadata = saved_model.read_metadata(export_dir)
-  episodes = _test_episodes(config, ways, shots, queries, seed, num_episodes)
+  _check_t_final(result, metadata, evaluation_file, export_dir)
+  config = training.load_config(result["model_dir"])
+  episodes = _episodes(config, result)
   log("Loading the export %s.", export_dir)
   serve = _batch_signature(export_dir)
   tasks = _tasks_per_request(
     metadata, episodes.element_spec, config.data.meta_batch_size
   )
-  log(
-    "Comparing the two on %d test episodes, %d per request.",
-    num_episodes,
-    tasks,
+  log("Serving its %d episodes, %d per request.", result["episodes"], tasks)
+  served, labels = _serve(
+    serve, episodes.batch(tasks), result["episodes"], progress
   )
-  served, evaluated, margins, labels = _classify(
-    model, serve, episodes.batch(tasks), num_episodes, progress
-  )
+  evaluated = recorded.classes
   differ = served != evaluated
   return {
-    "checkpoint": path,
-    "step": step,
+    "checkpoint": result["checkpoint"],
+    "step": result["step"],
     "export_checkpoint": metadata.get("checkpoint"),
     "export_step": metadata.get("step"),
     "episodes": len(served),
@@ -97,8 +83,53 @@ def compare(
     "served_classes": served,
     "evaluated_classes": evaluated,
     "disagreements": int(differ.sum()),
-    "ties": int((differ & (margins < TIE_MARGIN)).sum()),
+    "ties": int((differ & (recorded.margins < TIE_MARGIN)).sum()),
   }
+
+
+def _evaluation(path):
+  """(result dict, its `evaluation.Predictions`) of an evaluation of COMLN.
+
+  Raises:
+    training.ConfigError: naming `path`: no such result, one of another
+      classifier, or its predictions missing or of other episodes.
+  """
+  try:
+    result = evaluation.read_result(path)
+  except ValueError as error:
+    raise training.ConfigError(f"{error}.") from error
+  if result.get("classifier") != "comln":
+    raise training.ConfigError(
+      f"{path} evaluates the classifier {result.get('classifier')!r}; an "
+      f"export serves COMLN's adapted classifier (launch.evaluate "
+      f"--classifier=comln)."
+    )
+  # Beside the JSON, wherever the two were moved together.
+  predictions_file = evaluation.predictions_path(path)
+  try:
+    predictions = evaluation.read_predictions(predictions_file)
+  except (OSError, tf.errors.OpError, ValueError) as error:
+    raise training.ConfigError(
+      f"{path}: its predictions {predictions_file} cannot be read "
+      f"({error}); run launch.evaluate again to record them."
+    ) from error
+  if len(predictions.classes) != result["episodes"]:
+    raise training.ConfigError(
+      f"{path}: its predictions {predictions_file} hold "
+      f"{len(predictions.classes)} episodes, not {result['episodes']}: "
+      f"run launch.evaluate again."
+    )
+  return result, predictions
+
+
+def _check_t_final(result, metadata, evaluation_file, export_dir):
+  """Raises ConfigError unless the evaluation adapted up to the export's T."""
+  if result["t_final"] != metadata.get("t_final"):
+    raise training.ConfigError(
+      f"{evaluation_file} adapts up to T = {result['t_final']!r}, the export "
+      f"{export_dir} up to T = {metadata.get('t_final')!r}: evaluate "
+      f"without --t_final, or export the same T."
+    )
 
 
 def _batch_signature(export_dir):
@@ -141,72 +172,55 @@ def _tasks_per_request(metadata, episode_spec, meta_batch_size):
   )
 
 
-def _test_episodes(config, ways, shots, queries, seed, num_episodes):
-  """The fixed test episodes of the run's test classes, checked to fit.
+def _episodes(config, result):
+  """The episodes of an evaluation result, checked to fit the run's classes.
 
   Args:
     config: the run's configuration.
-    ways, shots, queries: the episodes' shape (None: the run's).
-    seed, num_episodes: which episodes.
+    result: the evaluation result (`evaluation.evaluate`'s keys).
 
   Returns:
-    tf.data.Dataset of single episodes, as `data.eval_episodes`.
+    tf.data.Dataset of single episodes, as `evaluation.evaluate` draws them.
 
   Raises:
-    training.ConfigError: the test classes do not fit the episodes.
+    training.ConfigError: the classes do not fit the episodes.
   """
-  ways = config.data.ways if ways is None else ways
-  shots = config.data.shots if shots is None else shots
-  queries = config.data.queries if queries is None else queries
-  class_set = training.load_splits(config).test
+  shape = {key: result[key] for key in ("ways", "shots", "queries")}
+  class_set = getattr(training.load_splits(config), result["split"])
   training.check_episodes(
-    class_set, ways, shots, queries, config.data.class_sampling
+    class_set, **shape, class_sampling=result["class_sampling"]
   )
   return data.eval_episodes(
     class_set,
-    ways=ways,
-    shots=shots,
-    queries=queries,
-    seed=seed,
-    num_episodes=num_episodes,
-    class_sampling=config.data.class_sampling,
+    **shape,
+    seed=result["seed"],
+    num_episodes=result["episodes"],
+    rotate_classes=result["rotate_classes"],
+    class_sampling=result["class_sampling"],
   )
 
 
-def _classify(model, serve, batches, num_episodes, progress):
-  """The classes of the queries of every episode, by both models.
+def _serve(serve, batches, num_episodes, progress):
+  """The export's classes of the queries of every episode.
 
   Args:
-    model: launch.evaluate's Keras model.
     serve: the export's adapt_and_predict_batch signature.
     batches: tf.data.Dataset of batches of episodes.
     num_episodes: the number of episodes in all.
     progress: whether to log progress lines.
 
   Returns:
-    (served, evaluated, margins, labels): int64 classes [episodes, N*q] of
-    the export and of the Keras model, float top-2 logit margins of the
-    Keras model and the true labels, of the same shape.
+    (served, labels): int classes [episodes, N*q] and the true labels.
 
   Raises:
-    evaluation.NonFiniteLogitsError: either model gave non-finite logits.
+    evaluation.NonFiniteLogitsError: the export gave non-finite logits.
   """
   progress_log = evaluation.ProgressLog(
     "Served check", num_episodes, enabled=progress
   )
-  # Compiled, as launch.evaluate runs the model.
-  evaluate = tf.function(
-    lambda batch: model(batch, training=False), reduce_retracing=True
-  )
-  served, evaluated, margins, labels = [], [], [], []
+  served, labels = [], []
   done = 0
   for batch in batches:
-    logits = evaluate(batch).numpy()
-    _check_finite("launch.evaluate's model", logits, done, num_episodes)
-    evaluated.append(logits.argmax(-1))
-    top2 = np.sort(logits, axis=-1)[..., -2:]
-    margins.append(top2[..., 1] - top2[..., 0])
-    labels.append(batch["query_labels"].numpy())
     outputs = serve(
       support_images=batch["support_images"],
       support_labels=tf.cast(batch["support_labels"], tf.int64),
@@ -216,14 +230,10 @@ def _classify(model, serve, batches, num_episodes, progress):
       "The served model", outputs["logits"].numpy(), done, num_episodes
     )
     served.append(outputs["classes"].numpy())
-    done += len(logits)
+    labels.append(batch["query_labels"].numpy())
+    done += len(served[-1])
     progress_log.update(np.mean(served[-1] == labels[-1], axis=1))
-  return (
-    np.concatenate(served),
-    np.concatenate(evaluated),
-    np.concatenate(margins),
-    np.concatenate(labels),
-  )
+  return np.concatenate(served), np.concatenate(labels)
 
 
 def _check_finite(whose, logits, first_episode, num_episodes):

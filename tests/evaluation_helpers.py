@@ -58,14 +58,23 @@ def run_episodes(class_set, num_episodes, *, shots=1, **options):
   )
 
 
-def direct_accuracies(model, episodes):
-  """Per-episode accuracy, one eager call and numpy argmax per episode."""
-  accuracies = []
+def direct_predictions(model, episodes):
+  """(accuracies, classes, margins) of each episode: one eager call per
+  episode, numpy argmax and sort of its logits."""
+  accuracies, classes, margins = [], [], []
   for episode in episodes.as_numpy_iterator():
     logits = model({key: value[None] for key, value in episode.items()})
-    predictions = np.argmax(logits.numpy()[0], axis=-1)
-    accuracies.append(np.mean(predictions == episode["query_labels"]))
-  return np.array(accuracies)
+    logits = logits.numpy()[0]
+    classes.append(np.argmax(logits, axis=-1))
+    accuracies.append(np.mean(classes[-1] == episode["query_labels"]))
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    margins.append(top2[:, 1] - top2[:, 0])
+  return np.array(accuracies), np.stack(classes), np.stack(margins)
+
+
+def direct_accuracies(model, episodes):
+  """Per-episode accuracy of `direct_predictions`."""
+  return direct_predictions(model, episodes)[0]
 
 
 def direct_summary(run_dir, episodes):

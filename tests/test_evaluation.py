@@ -11,6 +11,7 @@ from comln_tf import data
 from comln_tf import evaluation
 from comln_tf import training
 from evaluation_helpers import direct_accuracies
+from evaluation_helpers import direct_predictions
 from evaluation_helpers import make_run_dir
 from evaluation_helpers import progress_lines
 from evaluation_helpers import run_episodes
@@ -40,25 +41,29 @@ def test_summarize_matches_numpy():
   assert evaluation.summarize([0.5])["ci95"] == 0.0
 
 
-def test_episode_accuracies_match_a_direct_computation(run_dir, omniglot_test):
+def test_episode_predictions_match_a_direct_computation(run_dir, omniglot_test):
   model, _ = training.restore_model(str(run_dir))
   episodes = run_episodes(omniglot_test, 7)
-  # 7 episodes in batches of 3: the last batch is smaller.
-  accuracies = evaluation.episode_accuracies(
-    evaluation.accuracy_function(model), episodes, batch_size=3
+  prediction_fn = evaluation.prediction_function(model)
+  # 7 episodes in batches of 3: the last batch is padded, not traced again.
+  predictions = evaluation.episode_predictions(
+    prediction_fn, episodes, batch_size=3
   )
-  assert accuracies.dtype == np.float64 and accuracies.shape == (7,)
-  np.testing.assert_allclose(
-    accuracies, direct_accuracies(model, episodes), atol=1e-12
-  )
+  assert prediction_fn.experimental_get_tracing_count() == 1
+  accuracies, classes, margins = direct_predictions(model, episodes)
+  assert predictions.accuracies.dtype == np.float64
+  assert predictions.accuracies.shape == (7,)
+  np.testing.assert_allclose(predictions.accuracies, accuracies, atol=1e-12)
+  np.testing.assert_array_equal(predictions.classes, classes)
+  np.testing.assert_allclose(predictions.margins, margins, atol=1e-5)
 
 
 def test_prototype_accuracies_match_numpy(run_dir, omniglot_test):
   model, _ = training.restore_model(str(run_dir))
   episodes = run_episodes(omniglot_test, 5, shots=2)
-  accuracies = evaluation.episode_accuracies(
-    evaluation.accuracy_function(model, "prototypes"), episodes, batch_size=2
-  )
+  accuracies = evaluation.episode_predictions(
+    evaluation.prediction_function(model, "prototypes"), episodes, batch_size=2
+  ).accuracies
   expected = []
   for episode in episodes.as_numpy_iterator():
     images = np.concatenate(
@@ -144,9 +149,11 @@ def test_non_finite_logits_are_refused_naming_the_episodes(omniglot_test):
   bright = np.flatnonzero(brightness > threshold)
   first_batch = bright[0] // 4
   expected = [i for i in bright if i // 4 == first_batch]
-  accuracy_fn = evaluation.accuracy_function(_NanOnBrightEpisodes(threshold))
+  prediction_fn = evaluation.prediction_function(
+    _NanOnBrightEpisodes(threshold)
+  )
   with pytest.raises(evaluation.NonFiniteLogitsError) as raised:
-    evaluation.episode_accuracies(accuracy_fn, episodes, batch_size=4)
+    evaluation.episode_predictions(prediction_fn, episodes, batch_size=4)
   message = str(raised.value)
   assert (
     f"non-finite logits (NaN or inf) in {len(expected)} episode(s) (episode "
@@ -154,9 +161,10 @@ def test_non_finite_logits_are_refused_naming_the_episodes(omniglot_test):
   )
   assert "T not finite" in message and "fewer than 2 ways" in message
   # Finite episodes still count as usual: all their queries are right.
-  dim = evaluation.accuracy_function(_NanOnBrightEpisodes(np.inf))
+  dim = evaluation.prediction_function(_NanOnBrightEpisodes(np.inf))
   np.testing.assert_array_equal(
-    evaluation.episode_accuracies(dim, episodes, batch_size=4), np.ones(12)
+    evaluation.episode_predictions(dim, episodes, batch_size=4).accuracies,
+    np.ones(12),
   )
 
 
@@ -201,13 +209,13 @@ def test_evaluation_logs_progress_with_the_running_accuracy(
   episodes = run_episodes(omniglot_test, 7)
   direct = direct_accuracies(model, episodes)
   with caplog.at_level(logging.INFO, logger="comln_tf.evaluation"):
-    accuracies = evaluation.episode_accuracies(
-      evaluation.accuracy_function(model),
+    accuracies = evaluation.episode_predictions(
+      evaluation.prediction_function(model),
       episodes,
       batch_size=2,
       progress=True,
       what="Validation",
-    )
+    ).accuracies
   np.testing.assert_allclose(accuracies, direct, atol=1e-12)
   lines = progress_lines(caplog.text, "Validation")
   # A line every 10% of the 7 episodes: after each batch of 2, and the last.
@@ -221,7 +229,7 @@ def test_evaluation_logs_progress_with_the_running_accuracy(
     assert accuracy == pytest.approx(100 * direct[:done].mean(), abs=0.006)
   caplog.clear()
   with caplog.at_level(logging.INFO, logger="comln_tf.evaluation"):
-    evaluation.episode_accuracies(
-      evaluation.accuracy_function(model), episodes, batch_size=2
+    evaluation.episode_predictions(
+      evaluation.prediction_function(model), episodes, batch_size=2
     )
   assert not progress_lines(caplog.text, "Validation")

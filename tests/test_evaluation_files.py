@@ -4,6 +4,7 @@ names, what they may replace, and results that cannot be written."""
 
 import json
 import pathlib
+import re
 
 import pytest
 
@@ -35,6 +36,9 @@ def test_evaluate_run_never_replaces_what_is_not_an_evaluation(
   monkeypatch.setattr(_evaluate._loop, "load_splits", no_episodes)
   other = tmp_path / "notes.json"
   other.write_text('{"lr": 0.1}\n')
+  # Where the predictions of tmp_path/data.json would go.
+  data_file = tmp_path / "data.predictions.npz"
+  data_file.write_text("someone's data\n")
   blocker = tmp_path / "blocker"
   blocker.write_text("a file, not a folder\n")
   latest = training.checkpoint_path(str(run_dir), "latest")
@@ -43,6 +47,7 @@ def test_evaluate_run_never_replaces_what_is_not_an_evaluation(
     run_dir / "checkpoint",
     pathlib.Path(f"{latest}.index"),
     other,
+    data_file,
   ]
   before = {path: path.read_bytes() for path in protected}
   for output, message in [
@@ -51,6 +56,13 @@ def test_evaluate_run_never_replaces_what_is_not_an_evaluation(
     (run_dir / "checkpoint", "must be a file name ending in .json"),
     (pathlib.Path(f"{latest}.index"), "must be a file name ending in .json"),
     (other, "exists and is not an earlier evaluation result"),
+    (
+      tmp_path / "data.json",
+      re.escape(
+        f"would replace {data_file}, which is not an earlier evaluation's "
+        f"predictions"
+      ),
+    ),
     (tmp_path / "folder.json", "is a directory"),
     (blocker / "results.json", "cannot be written"),
   ]:
@@ -74,7 +86,15 @@ def test_an_earlier_evaluation_result_may_be_replaced(run_dir, tmp_path):
   )
   assert (first["episodes"], second["episodes"]) == (2, 3)
   assert json.loads(output.read_text()) == second
-  assert sorted(p.name for p in output.parent.iterdir()) == ["evaluation.json"]
+  assert sorted(p.name for p in output.parent.iterdir()) == [
+    "evaluation.json",
+    "evaluation.predictions.npz",
+  ]
+  assert second["predictions"] == str(
+    output.parent / "evaluation.predictions.npz"
+  )
+  predictions = evaluation.read_predictions(second["predictions"])
+  assert predictions.classes.shape == predictions.margins.shape == (3, 15)
 
 
 def test_a_result_that_cannot_be_written_is_still_returned(

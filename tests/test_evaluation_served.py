@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -63,15 +64,26 @@ class _FakeServed:
     }
 
 
-def _fake_export(run_dir, tmp_path, monkeypatch, **kwargs):
-  """An export folder whose loading gives a _FakeServed(5, **kwargs)."""
+@pytest.fixture(scope="module")
+def evaluated(run_dir, tmp_path_factory):
+  """The result of an evaluation of the run on 8 episodes, and its JSON."""
+  output = tmp_path_factory.mktemp("evaluation") / "evaluation.json"
+  return training.evaluate_run(
+    str(run_dir), which="latest", num_episodes=8, output=str(output)
+  )
+
+
+def _fake_export(evaluated, tmp_path, monkeypatch, **kwargs):
+  """An export folder of the evaluated checkpoint and T whose loading gives
+  a _FakeServed(5, **kwargs)."""
   export_dir = tmp_path / "export"
   (export_dir / "assets.extra").mkdir(parents=True)
   (export_dir / "assets.extra" / saved_model.METADATA_FILE).write_text(
     json.dumps(
       {
-        "checkpoint": training.checkpoint_path(str(run_dir), "latest"),
+        "checkpoint": evaluated["checkpoint"],
         "step": STEP,
+        "t_final": evaluated["t_final"],
         "max_serving_support": 1000,
         "max_serving_queries": 1000,
       }
@@ -83,30 +95,94 @@ def _fake_export(run_dir, tmp_path, monkeypatch, **kwargs):
   return str(export_dir)
 
 
-def test_served_check_refuses_nan_served_logits(run_dir, tmp_path, monkeypatch):
-  export_dir = _fake_export(run_dir, tmp_path, monkeypatch, nan_task=5)
+def test_served_check_counts_disagreements_and_near_ties(
+  evaluated, tmp_path, monkeypatch
+):
+  export_dir = _fake_export(evaluated, tmp_path, monkeypatch)
+  recorded = evaluation.read_predictions(evaluated["predictions"])
+  served = np.stack([_FakeServed.logits(i, 15, 5).argmax(-1) for i in range(8)])
+  differ = int(np.sum(served != recorded.classes))
+  assert differ > 0
+  result = served_check.compare(evaluated["output"], export_dir)
+  np.testing.assert_array_equal(result["served_classes"], served)
+  np.testing.assert_array_equal(result["evaluated_classes"], recorded.classes)
+  assert (result["disagreements"], result["episodes"]) == (differ, 8)
+  assert result["evaluated_accuracy"] == pytest.approx(
+    evaluated["accuracy"], abs=1e-12
+  )
+  assert (result["checkpoint"], result["export_checkpoint"]) == (
+    evaluated["checkpoint"],
+  ) * 2
+  # The same evaluation with every recorded margin a near-tie: each
+  # disagreement is one.
+  copy = tmp_path / "copy.json"
+  shutil.copy(evaluated["output"], copy)
+  evaluation.write_predictions(
+    evaluation.predictions_path(str(copy)),
+    recorded._replace(margins=np.zeros_like(recorded.margins)),
+  )
+  near = served_check.compare(str(copy), export_dir, progress=False)
+  assert result["ties"] < near["ties"] == differ
+
+
+def test_served_check_refuses_what_it_cannot_compare(
+  evaluated, tmp_path, monkeypatch
+):
+  export_dir = _fake_export(evaluated, tmp_path, monkeypatch)
+
+  def result_file(name, predictions=True, **changes):
+    """A copy of the evaluation's JSON (and predictions), with changes."""
+    path = str(tmp_path / name)
+    evaluation.write_json(path, {**evaluated, **changes})
+    if predictions:
+      shutil.copy(evaluated["predictions"], evaluation.predictions_path(path))
+    return path
+
+  lone = result_file("lone.json")
+  short = evaluation.read_predictions(evaluated["predictions"])
+  evaluation.write_predictions(
+    evaluation.predictions_path(lone),
+    evaluation.Predictions(*(field[:5] for field in short)),
+  )
+  for path, message in [
+    (str(tmp_path / "none.json"), "cannot be read as JSON"),
+    (
+      result_file("prototypes.json", classifier="prototypes"),
+      "evaluates the classifier 'prototypes'; an export serves COMLN's",
+    ),
+    (
+      result_file("missing.json", predictions=False),
+      r"its predictions .*missing\.predictions\.npz cannot be read .*run "
+      r"launch\.evaluate again to record them",
+    ),
+    (lone, "hold 5 episodes, not 8"),
+    (
+      result_file("other_t.json", t_final=2.5),
+      r"adapts up to T = 2\.5, the export .* up to T = ",
+    ),
+  ]:
+    with pytest.raises(training.ConfigError, match=message):
+      served_check.compare(path, export_dir)
+
+
+def test_served_check_refuses_nan_served_logits(
+  evaluated, tmp_path, monkeypatch
+):
+  export_dir = _fake_export(evaluated, tmp_path, monkeypatch, nan_task=5)
   with pytest.raises(
     evaluation.NonFiniteLogitsError,
     match=r"^The served model: non-finite logits \(NaN or inf\) in 1 "
     r"episode\(s\) \(episode 5 of 8\)",
   ):
-    served_check.compare(
-      str(run_dir), export_dir, which="latest", num_episodes=8
-    )
-  with pytest.raises(
-    training.ConfigError, match="ways must be an integer >= 2"
-  ):
-    served_check.compare(str(run_dir), export_dir, ways=1)
+    served_check.compare(evaluated["output"], export_dir)
 
 
 def test_served_check_logs_progress(
-  run_dir, omniglot_test, tmp_path, monkeypatch, caplog
+  evaluated, omniglot_test, tmp_path, monkeypatch, caplog
 ):
-  export_dir = _fake_export(run_dir, tmp_path, monkeypatch)
+  export_dir = _fake_export(evaluated, tmp_path, monkeypatch)
   with caplog.at_level(logging.INFO):
-    result = served_check.compare(
-      str(run_dir), export_dir, which="latest", num_episodes=8
-    )
+    served_check.compare(evaluated["output"], export_dir)
   labels = np.stack(
     [
       episode["query_labels"]
@@ -114,9 +190,8 @@ def test_served_check_logs_progress(
     ]
   )
   served = np.stack([_FakeServed.logits(i, 15, 5).argmax(-1) for i in range(8)])
-  np.testing.assert_array_equal(result["served_classes"], served)
   running = np.cumsum(np.mean(served == labels, axis=1)) / np.arange(1, 9)
-  for step in ("Restoring launch.evaluate's model", "Loading the export"):
+  for step in ("Reading the evaluation", "Loading the export"):
     assert step in caplog.text
   lines = progress_lines(caplog.text, "Served check")
   # A line every 10% of the 8 episodes: after each meta-batch of 4.
@@ -125,8 +200,6 @@ def test_served_check_logs_progress(
     assert accuracy == pytest.approx(100 * running[done - 1], abs=0.006)
   caplog.clear()
   with caplog.at_level(logging.INFO):
-    served_check.compare(
-      str(run_dir), export_dir, which="latest", num_episodes=4, progress=False
-    )
+    served_check.compare(evaluated["output"], export_dir, progress=False)
   assert not progress_lines(caplog.text, "Served check")
   assert "Loading the export" not in caplog.text

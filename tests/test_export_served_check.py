@@ -1,4 +1,4 @@
-"""Tests of export/served_check.py: an export against launch.evaluate's model.
+"""Tests of export/served_check.py: an export against an evaluation.
 
 The comparison with a stand-in server is in test_evaluation_served.py;
 here a real export of a run's checkpoint is compared.
@@ -66,9 +66,7 @@ def test_export_serves_the_model_launch_evaluate_evaluates(tmp_path):
   ).stdout
   assert f"Exported {results['checkpoint']} (step 3)" in printed
 
-  compared = served_check.compare(
-    str(model_dir), str(base / "1"), num_episodes=episodes
-  )
+  compared = served_check.compare(results["output"], str(base / "1"))
   assert (
     compared["export_checkpoint"]
     == compared["checkpoint"]
@@ -98,6 +96,7 @@ def test_export_serves_the_model_launch_evaluate_evaluates(tmp_path):
     for which, model in models.items()
   }
   np.testing.assert_array_equal(compared["served_classes"], classes["best"])
+  np.testing.assert_array_equal(compared["evaluated_classes"], classes["best"])
   assert compared["disagreements"] == 0
   assert compared["served_accuracy"] == pytest.approx(
     results["accuracy"], abs=1e-12

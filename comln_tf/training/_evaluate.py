@@ -106,8 +106,9 @@ def check_output(output: str) -> None:
 
   The rule: a path ending in ".json", not named config.json (a run's
   configuration), not an existing directory, and, if the file exists, an
-  earlier evaluation result (so a run's configuration, checkpoints and
-  other files are never replaced). Its directory is created if needed
+  earlier evaluation result, and the same for its predictions file
+  (`evaluation.predictions_path`), so a run's configuration, checkpoints and
+  other files are never replaced. Its directory is created if needed
   and a temporary file written and removed there, so an unwritable place
   fails now rather than after the episodes.
 
@@ -125,6 +126,11 @@ def check_output(output: str) -> None:
     output
   ):
     reason = "exists and is not an earlier evaluation result"
+  elif not _replaceable_predictions(evaluation.predictions_path(output)):
+    reason = (
+      f"would replace {evaluation.predictions_path(output)}, which is not "
+      f"an earlier evaluation's predictions"
+    )
   else:
     try:
       evaluation.check_writable(output)
@@ -132,6 +138,18 @@ def check_output(output: str) -> None:
     except (OSError, tf.errors.OpError) as error:
       reason = f"cannot be written: {_first_line(error)}"
   raise ConfigError(f"output={output!r} {reason}.")
+
+
+def _replaceable_predictions(path):
+  """Whether an evaluation may write its predictions to `path`: no file
+  there, or an earlier evaluation's predictions."""
+  if not tf.io.gfile.exists(path):
+    return True
+  try:
+    evaluation.read_predictions(path)
+  except (OSError, tf.errors.OpError, ValueError):
+    return False
+  return True
 
 
 def _first_line(error):
@@ -223,8 +241,9 @@ def evaluate_run(
     dict: "accuracy" and "ci95" (fractions), "episodes", "ways", "shots",
     "queries", "seed", "split", "rotate_classes", "classifier",
     "checkpoint" (its path), "which" ("best" or "latest": the checkpoint
-    used), "step", "t_final" (the T used; None with prototypes) and
-    "output" (where the JSON was written).
+    used), "step", "t_final" (the T used; None with prototypes), "output"
+    (where the JSON was written) and "predictions" (where the episodes'
+    `evaluation.Predictions` were written, `evaluation.predictions_path`).
 
   Raises:
     ConfigError: naming the argument: no run or no such checkpoint in
@@ -268,9 +287,14 @@ def evaluate_run(
     progress=progress,
   )
   t_used = float(model.classifier.t_final) if classifier == "comln" else None
+  predictions = results.pop("predictions")
   results.update(checkpoint=path, which=which, step=step, t_final=t_used)
-  results.update(model_dir=model_dir, output=output)
-  _write_results(output, results)
+  results.update(
+    model_dir=model_dir,
+    output=output,
+    predictions=evaluation.predictions_path(output),
+  )
+  _write_results(results, predictions)
   return results
 
 
@@ -328,14 +352,16 @@ def _class_set(config, split, episodes, rotate_classes):
   return class_set
 
 
-def _write_results(output, results):
-  """Writes the results' JSON to `output`.
+def _write_results(results, predictions):
+  """Writes the predictions, then the results' JSON that names them.
 
   Raises:
-    evaluation.ResultNotWrittenError: it could not be written; it holds
+    evaluation.ResultNotWrittenError: either could not be written; it holds
       the results all the same.
   """
+  output = results["output"]
   try:
+    evaluation.write_predictions(results["predictions"], predictions)
     evaluation.write_json(output, results)
   except (OSError, tf.errors.OpError) as error:
     raise evaluation.ResultNotWrittenError(

@@ -413,7 +413,7 @@ class _Loop:
     )
     if config.schedule.validate_every:
       self._validation = _validation_episodes(config, splits.validation)
-      self._accuracy_fn = evaluation.accuracy_function(state.model)
+      self._prediction_fn = evaluation.prediction_function(state.model)
     self.monitor = _progress.Monitor(
       model_dir, config, start, _distribute.is_chief(strategy), progress
     )
@@ -460,11 +460,11 @@ class _Loop:
   def _validate(self, step):
     """Validates the model; saves it as the best if it is better."""
     summary = evaluation.summarize(
-      evaluation.episode_accuracies(
-        self._accuracy_fn,
+      evaluation.episode_predictions(
+        self._prediction_fn,
         self._validation,
         self._config.data.meta_batch_size,
-      )
+      ).accuracies
     )
     best_accuracy = self._state.best_accuracy
     improved = np.float32(summary["accuracy"]) > best_accuracy.numpy()
