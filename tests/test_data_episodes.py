@@ -53,6 +53,25 @@ def test_meta_batch_format(omniglot):
     np.testing.assert_array_equal(batch[key], np.tile(expected, (BATCH, 1)))
 
 
+def test_pipelines_run_without_the_autotune_thread(omniglot):
+  # Destroying an iterator waits for tf.data's autotune thread to wake, for
+  # seconds at the end of a long evaluation or training.
+  for dataset in (
+    data.meta_batches(
+      omniglot.train,
+      ways=WAYS,
+      shots=SHOTS,
+      queries=QUERIES,
+      batch_size=BATCH,
+      seed=0,
+    ),
+    data.eval_episodes(
+      omniglot.test, ways=WAYS, shots=SHOTS, queries=QUERIES, seed=0
+    ),
+  ):
+    assert dataset.options().autotune.enabled is False
+
+
 def test_omniglot_examples_belong_to_their_labelled_class(omniglot):
   classes_of_image = {}
   for c in range(omniglot.test.num_classes):

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from comln_tf import _validation
 from comln_tf.data._classes import ClassSet
+from comln_tf.data._pipeline import without_autotune_thread
 
 # A fixed algorithm: "auto_select" may pick a different one per device, and
 # the episodes must be identical on every machine.
@@ -431,7 +432,7 @@ def _stream(
     class_sampling=class_sampling,
     distortion=distortion,
   )
-  return (
+  return without_autotune_thread(
     indices.map(
       episode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
@@ -623,6 +624,8 @@ def eval_episodes(
   episode = _EpisodeDrawer(
     class_set, ways, shots, queries, seed, rotate_classes, class_sampling
   )
-  return tf.data.Dataset.range(num_episodes).map(
-    episode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+  return without_autotune_thread(
+    tf.data.Dataset.range(num_episodes).map(
+      episode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
   )

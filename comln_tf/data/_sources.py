@@ -21,6 +21,7 @@ import tensorflow as tf
 from comln_tf import _validation
 from comln_tf.data._classes import ClassSet
 from comln_tf.data._classes import Splits
+from comln_tf.data._pipeline import without_autotune_thread
 
 # Background alphabets held out of meta-training for validation (30 - 5 = 25
 # alphabets remain for training). Any fixed choice works; these five have
@@ -137,12 +138,11 @@ def _collect(dataset, fn):
   Returns:
       A tuple of numpy arrays, the stacked outputs of `fn`, in order.
   """
-  parts = (
+  parts = without_autotune_thread(
     dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
     .batch(1024)
     .prefetch(tf.data.AUTOTUNE)
-    .as_numpy_iterator()
-  )
+  ).as_numpy_iterator()
   return tuple(np.concatenate(column) for column in zip(*parts))
 
 
