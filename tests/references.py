@@ -64,6 +64,20 @@ def reference_loss(problem, init_weights, support, queries, t_final):
   return np.mean(losses)
 
 
+def traced_adapt(problem, **options):
+  """float64 numpy [B, N, d]: `comln_tf.adapt` of a problem's tasks up to
+  its T, in a tf.function (eagerly the same ops run one by one)."""
+  return tf.function(
+    lambda: comln_tf.adapt(
+      problem["init_weights"],
+      problem["support"],
+      problem["labels"],
+      problem["t_final"],
+      **options,
+    )
+  )().numpy()
+
+
 def make_problem(
   num_tasks=2, ways=3, shots=2, size=5, queries=4, seed=0, scale=1.0
 ):

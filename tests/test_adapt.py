@@ -27,6 +27,7 @@ from references import make_problem
 from references import reference_loss
 from references import softmax as _softmax
 from references import stiff_problem
+from references import traced_adapt
 from references import w_space_solution
 
 GRADIENT_METHODS = {
@@ -210,16 +211,7 @@ def test_tasks_solved_in_groups_match_finite_differences(method_name):
 def test_reduced_state_equals_w_space_integration(problem, method_name):
   # Traced: eagerly the same ops run one by one, which
   # test_eager_function_and_xla_agree compares.
-  weights = tf.function(
-    lambda: comln_tf.adapt(
-      problem["init_weights"],
-      problem["support"],
-      problem["labels"],
-      problem["t_final"],
-      method=method_name,
-      **TIGHTEST,
-    )
-  )().numpy()
+  weights = traced_adapt(problem, method=method_name, **TIGHTEST)
   for b in range(len(problem["support"])):
     expected = w_space_solution(
       problem["init_weights"],

@@ -19,6 +19,7 @@ from references import engine_loss_and_gradients
 from references import make_problem
 from references import reference_loss
 from references import stiff_problem
+from references import traced_adapt
 from references import w_space_solution
 
 # Every (solver, method) pair the TFP solvers support.
@@ -95,18 +96,9 @@ def test_forward_is_accurate_at_large_t():
 def test_state_equals_w_space_integration(solver):
   problem = make_problem(seed=4)
   # In tf.function: eager BDF runs its Jacobian op by op.
-  weights = tf.function(
-    lambda: comln_tf.adapt(
-      problem["init_weights"],
-      problem["support"],
-      problem["labels"],
-      problem["t_final"],
-      solver=solver,
-      method="adjoint",
-      rtol=1e-12,
-      atol=1e-12,
-    )
-  )().numpy()
+  weights = traced_adapt(
+    problem, solver=solver, method="adjoint", rtol=1e-12, atol=1e-12
+  )
   for b in range(len(problem["support"])):
     expected = w_space_solution(
       problem["init_weights"],
