@@ -13,7 +13,9 @@ configs/omniglot_5w1s.py. The recipes, on data.dataset="omniglot":
     constant learning rate, without clipping.
   20w1s_6400_t10000_meanpool: 6,400 steps, mean-pooled Conv-4, T held at
     10,000.
-  within_alphabet_20w1s: the shipped pretrained model (`_within_alphabet`).
+  within_alphabet_20w1s: the shipped pretrained model (`_within_alphabet`);
+    within_alphabet_20w1s_56px the same at 56x56 pixels (the shift of the
+    distortions doubled with the size).
   5w1s_cosine, 5w1s_long, 5w5s_cosine: `base.omniglot_5w1s` with a cosine
     decay of the learning rate: 1,500 steps; 2,400 steps with meta-gradients
     clipped at norm 2; on 5-shot episodes, 250 steps of a 500-step schedule.
@@ -84,6 +86,10 @@ RECIPES: dict[str, base.Recipe] = {
     )
   ),
   "within_alphabet_20w1s": _within_alphabet,
+  "within_alphabet_20w1s_56px": lambda: config_lib.updated(
+    _within_alphabet(),
+    {"data.image_size": 56, "data.affine.translation_pixels": 2.0},
+  ),
   "5w1s_cosine": lambda: _5w1s_cosine(1500, 1500, validate_every=250),
   "5w1s_long": lambda: config_lib.updated(
     _5w1s_cosine(2400, 2400, validate_every=200), {"optim.clip_norm": 2.0}
