@@ -287,14 +287,9 @@ def evaluate_run(
     progress=progress,
   )
   t_used = float(model.classifier.t_final) if classifier == "comln" else None
-  predictions = results.pop("predictions")
   results.update(checkpoint=path, which=which, step=step, t_final=t_used)
-  results.update(
-    model_dir=model_dir,
-    output=output,
-    predictions=evaluation.predictions_path(output),
-  )
-  _write_results(results, predictions)
+  results.update(model_dir=model_dir, output=output)
+  _write_results(results)
   return results
 
 
@@ -352,14 +347,19 @@ def _class_set(config, split, episodes, rotate_classes):
   return class_set
 
 
-def _write_results(results, predictions):
-  """Writes the predictions, then the results' JSON that names them.
+def _write_results(results):
+  """Writes the results' predictions, then their JSON, which names them.
+
+  results["predictions"], `evaluation.Predictions`, becomes the path they
+  are written to (`evaluation.predictions_path` of results["output"]).
 
   Raises:
     evaluation.ResultNotWrittenError: either could not be written; it holds
       the results all the same.
   """
   output = results["output"]
+  predictions = results["predictions"]
+  results["predictions"] = evaluation.predictions_path(output)
   try:
     evaluation.write_predictions(results["predictions"], predictions)
     evaluation.write_json(output, results)
