@@ -10,7 +10,7 @@ drift from the single-device run within a few steps. The equivalence runs
 are therefore 2 steps long, compared by the relative norm of the weight
 difference; their weight decay is 100x the default so that counting the
 L2 term once per replica (an error of 2.3e-2 here) or misscaling the loss
-would fail the test. Their gradients are clipped (norms 25.9 and 9.6 at
+would fail the test. Their gradients are clipped (norms 25.9 and 16.5 at
 steps 1 and 2, measured, clipped to 5), and the logged norms must match
 the single-device run's: a norm of each replica's part would be half.
 """
