@@ -10,6 +10,7 @@ command line.
 """
 
 import logging
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -48,8 +49,8 @@ def compare(
 
   Raises:
     training.ConfigError: naming the file: no evaluation result or
-      predictions, another classifier or T than the export's, episodes the
-      run's classes cannot make.
+      predictions, another classifier or T than the export's, no run at
+      its model_dir, episodes the run's classes cannot make.
     evaluation.NonFiniteLogitsError: the export gave NaN or infinite
       logits (no class is read from them).
   """
@@ -58,7 +59,7 @@ def compare(
   result, recorded = _evaluation(evaluation_file)
   metadata = saved_model.read_metadata(export_dir)
   _check_t_final(result, metadata, evaluation_file, export_dir)
-  config = training.load_config(result["model_dir"])
+  config = _run_config(result, evaluation_file)
   episodes = _episodes(config, result)
   log("Loading the export %s.", export_dir)
   serve = _batch_signature(export_dir)
@@ -120,6 +121,24 @@ def _evaluation(path):
       f"run launch.evaluate again."
     )
   return result, predictions
+
+
+def _run_config(result, evaluation_file):
+  """The configuration of the evaluated run, from its recorded model_dir.
+
+  Raises:
+    training.ConfigError: naming the file: its model_dir holds no run (a
+      relative model_dir is read from the working directory).
+  """
+  model_dir = result["model_dir"]
+  try:
+    return training.load_config(model_dir)
+  except FileNotFoundError as error:
+    raise training.ConfigError(
+      f"{evaluation_file} evaluates the run in model_dir={model_dir!r}, "
+      f"which is not found from {os.getcwd()!r} ({error}): run "
+      f"export.check_served from the directory launch.evaluate ran in."
+    ) from error
 
 
 def _check_t_final(result, metadata, evaluation_file, export_dir):

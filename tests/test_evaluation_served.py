@@ -157,6 +157,12 @@ def test_served_check_refuses_what_it_cannot_compare(
     ),
     (lone, "hold 5 episodes, not 8"),
     (
+      result_file("moved.json", model_dir="no_such_run"),
+      r"evaluates the run in model_dir='no_such_run', which is not found "
+      r"from .*: run export\.check_served from the directory "
+      r"launch\.evaluate ran in",
+    ),
+    (
       result_file("other_t.json", t_final=2.5),
       r"adapts up to T = 2\.5, the export .* up to T = ",
     ),
